@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vit_jax",
+    version="0.1.0",
+    description="Vision Transformers (ViT, hybrid, CrossViT, MaxViT) in JAX/Flax, from one CPU to TPU pods.",
+    packages=find_packages(include=["vit_jax", "vit_jax.*"]),
+    package_data={"vit_jax": ["data/*.txt", "data/metadata/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "tensorflow-cpu; platform_machine=='x86_64'",
+        "tensorflow-datasets>=4.9",
+        "ml-collections",
+        "chex",
+        "absl-py",
+        "clu",            # metric writers (TensorBoard + logging), periodic actions
+        "einops",
+        "numpy",
+        "scipy",
+        "pillow",
+        "safetensors",    # timm-format weights without pickles
+        "scikit-learn",   # the bundled `digits` data set of the embedded default run
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+        "torch": ["torch"],  # only to read .pth/.bin state_dicts and for `bench --vs timm`
+    },
+)
