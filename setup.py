@@ -27,7 +27,9 @@ setup(
         "scikit-learn",   # the bundled `digits` data set of the embedded default run
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        # torch reads/writes .pth state_dicts in the weight tests; timm (installed with --no-deps, see README)
+        # needs huggingface_hub and pyyaml to import, for the `bench --vs timm` test.
+        "test": ["pytest", "pytest-xdist", "torch", "huggingface_hub", "pyyaml"],
         "torch": ["torch"],  # only to read .pth/.bin state_dicts and for `bench --vs timm`
     },
 )
