@@ -16,6 +16,7 @@ variables.  Nothing is loaded partially in silence.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from typing import Any, Callable, Mapping
 
@@ -38,8 +39,10 @@ class Converter:
   family: str
   fmt: str
   detect: Callable[[Flat], bool]
-  to_variables: Callable[[Flat, nn.Module], Flat]
+  to_variables: Callable[..., Flat]
   from_variables: Callable[[Flat, nn.Module], Flat] | None = None
+  # Optional: the checkpoint's class count (used when load_pretrained gets num_classes=None).
+  num_classes: Callable[[Flat], int | None] | None = None
 
 
 _CONVERTERS: list[Converter] = []
@@ -48,8 +51,10 @@ _CONVERTER_MODULES = (
     "vit_jax.weights.timm.maxvit", "vit_jax.weights.ibm", "vit_jax.weights.tf_maxvit")
 
 
-def register_converter(family: str, fmt: str, detect, to_variables, from_variables=None) -> None:
-  _CONVERTERS.append(Converter(family, fmt, detect, to_variables, from_variables))
+def register_converter(family: str, fmt: str, detect, to_variables, from_variables=None, *,
+                       num_classes=None) -> None:
+  """`to_variables(flat, model)` may also accept keyword options of load_pretrained (e.g. `posemb_resize`)."""
+  _CONVERTERS.append(Converter(family, fmt, detect, to_variables, from_variables, num_classes))
 
 
 def converters(family: str | None = None) -> list[Converter]:
@@ -195,18 +200,25 @@ def _resolve_model(model: str | nn.Module, num_classes, image_size, overrides) -
 
 
 def load_pretrained(source, *, model: str | nn.Module, num_classes: int | None = None,
-                    image_size=None, **overrides) -> dict[str, Any]:
+                    image_size=None, posemb_resize: str = "bilinear", **overrides) -> dict[str, Any]:
   """Variables for `model` from an official `.npz`, a timm/IBM state_dict or a TF checkpoint.
 
   The format is detected from the keys.  A head of another size is replaced by
   a zero-initialised head of `num_classes`; position embeddings (and MaxViT's
   relative-bias tables) are resized when `image_size` differs from the
-  checkpoint's.  Returns `{'params': ..., ['batch_stats': ...]}` ready for
+  checkpoint's (`posemb_resize`: 'bilinear' as the official ViT code, or
+  'bicubic' as timm).  With a model name and `num_classes=None` the head keeps
+  the checkpoint's class count (1000 when the format cannot tell).  Returns
+  `{'params': ..., ['batch_stats': ...]}` ready for
   `model.apply(variables, images, train=False)`.
   """
+  flat = read_source(source)
+  if num_classes is None and not isinstance(model, nn.Module):
+    family = registry.model_family(model)
+    counts = [c.num_classes(flat) for c in converters(family) if c.num_classes and c.detect(flat)]
+    num_classes = next((n for n in counts if n), None)
   module = _resolve_model(model, num_classes, image_size, overrides)
   family = registry.model_family(module.model_name)
-  flat = read_source(source)
   candidates = converters(family)
   matches = [c for c in candidates if c.detect(flat)]
   if not matches:
@@ -217,7 +229,12 @@ def load_pretrained(source, *, model: str | nn.Module, num_classes: int | None =
     raise CheckpointMismatchError(
         f"The checkpoint's keys match no format known for the {family} family ({formats}).{hint} "
         f"First keys: {sorted(flat)[:6]}")
-  converted = matches[0].to_variables(flat, module)
+  options = {"posemb_resize": posemb_resize}
+  accepted = inspect.signature(matches[0].to_variables).parameters
+  if posemb_resize != "bilinear" and "posemb_resize" not in accepted:
+    raise TypeError(f"posemb_resize={posemb_resize!r} has no effect for {family} checkpoints "
+                    f"({matches[0].fmt}); leave it at its default.")
+  converted = matches[0].to_variables(flat, module, **{k: v for k, v in options.items() if k in accepted})
   expected = abstract_variables(module)
   check_against(converted, expected, f"model {module.model_name!r} ({family}, format {matches[0].fmt})")
   variables = unflatten({k: jnp.asarray(v, dtype=expected[k].dtype) for k, v in converted.items()})

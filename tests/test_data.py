@@ -1,0 +1,183 @@
+"""Input pipeline: digits builder, exact resume, per-process sharding, padding, bad files, TFDS mocks."""
+import io
+import json
+import logging
+import collections
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from vit_jax import data
+
+RAW = dict(crop="resize", normalization="none", flip=False)  # 8x8 digits unchanged: pixels identify examples.
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def examples(batches):
+  """Multiset of (pixels, label) of the unmasked examples."""
+  keys = collections.Counter()
+  for b in batches:
+    for image, label, mask in zip(b["image"], b["label"], b["mask"]):
+      if mask:
+        keys[(np.asarray(image, np.uint8).tobytes(), int(label))] += 1
+  return keys
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_digits_builder_matches_sklearn(tfds_dir):
+  from sklearn.datasets import load_digits
+  assert data.num_examples("digits", "train", data_dir=tfds_dir) == 1438
+  assert data.num_examples("digits", "test", data_dir=tfds_dir) == 359
+  assert data.num_classes("digits", data_dir=tfds_dir) == 10
+  it = data.get_dataset("digits", "test", batch_size=359, image_size=8, train=False, data_dir=tfds_dir,
+                        process_index=0, process_count=1, **RAW)
+  (batch,) = list(it)
+  ref = load_digits()
+  test = np.arange(len(ref.target)) % 5 == 4  # TFDS stores them in its own (hashed) order.
+  grey = (ref.images[test] * 255 // 16).astype(np.uint8)
+  want = collections.Counter((np.repeat(g[..., None], 3, -1).tobytes(), int(y)) for g, y in zip(grey, ref.target[test]))
+  assert examples([batch]) == want
+  assert batch["mask"].all() and batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+
+
+def test_train_epochs_are_permutations_and_batches_cross_epochs(tfds_dir):
+  # 1438 examples, batches of 500: batch 3 holds the end of epoch 0 and the start of epoch 1.
+  it = data.get_dataset("digits", "train", batch_size=500, image_size=8, train=True, data_dir=tfds_dir,
+                        process_index=0, process_count=1, **RAW)
+  batches = take(it, 6)  # 3000 examples: epochs 0 and 1, 124 of epoch 2.
+  images = {k: np.concatenate([b[k] for b in batches]) for k in ("image", "label", "mask")}
+  epoch = lambda i: {k: v[i * 1438:(i + 1) * 1438] for k, v in images.items()}
+  ref = examples(data.get_dataset("digits", "train", batch_size=719, image_size=8, train=False,
+                                  data_dir=tfds_dir, process_index=0, process_count=1, **RAW))
+  assert examples([epoch(0)]) == ref and examples([epoch(1)]) == ref
+  assert not np.array_equal(epoch(0)["label"], epoch(1)["label"])  # Reshuffled per epoch.
+  assert it.get_state()["epoch"] == 2 and it.get_state()["position"] == 3000 - 2 * 1438
+
+
+@pytest.mark.parametrize("crop", ["inception", "resize"])
+def test_exact_resume_through_json(tfds_dir, crop):
+  kw = dict(batch_size=96, image_size=16, train=True, data_dir=tfds_dir, process_index=1, process_count=4,
+            crop=crop, flip=True, seed=3)
+  reference = take(data.get_dataset("digits", "train", **kw), 6)  # 359 per process: crosses 1 epoch end.
+  first = data.get_dataset("digits", "train", **kw)
+  take(first, 2)
+  state = json.loads(json.dumps(first.get_state()))
+  resumed = data.get_dataset("digits", "train", **kw)
+  resumed.set_state(state)
+  for want, got in zip(reference[2:], take(resumed, 4)):
+    for k in want:
+      np.testing.assert_array_equal(want[k], got[k])
+  other_seed = next(data.get_dataset("digits", "train", **{**kw, "seed": 4}))
+  assert not np.array_equal(other_seed["image"], reference[0]["image"])
+
+
+def test_resume_rejects_other_pipeline(tfds_dir):
+  kw = dict(batch_size=8, image_size=8, train=True, data_dir=tfds_dir, process_count=2)
+  state = data.get_dataset("digits", "train", process_index=0, **kw).get_state()
+  with pytest.raises(ValueError, match="process_index"):
+    data.get_dataset("digits", "train", process_index=1, **kw).set_state(state)
+  with pytest.raises(ValueError, match="lacks"):
+    data.get_dataset("digits", "train", process_index=0, **kw).set_state({"epoch": 0})
+
+
+def test_eval_four_processes_cover_split_once_with_equal_batches(tfds_dir):
+  kw = dict(batch_size=32, image_size=8, train=False, data_dir=tfds_dir, **RAW)
+  whole = examples(data.get_dataset("digits", "test", process_index=0, process_count=1, **kw))
+  assert sum(whole.values()) == 359
+  union, counts = collections.Counter(), []
+  for index in range(4):  # 359 = 90 + 90 + 90 + 89 -> 3 batches each, the last padded.
+    it = data.get_dataset("digits", "test", process_index=index, process_count=4, **kw)
+    batches = list(it)
+    assert len(batches) == it.num_batches == 3
+    padding = np.concatenate([b["mask"] for b in batches]) == 0
+    assert all(np.all(b["image"][~b["mask"]] == 0) for b in batches)
+    counts.append(int((~padding).sum()))
+    union += examples(batches)
+  assert counts == [90, 90, 90, 89]
+  assert union == whole
+
+
+def test_eval_resume_mid_pass(tfds_dir):
+  kw = dict(batch_size=100, image_size=8, train=False, data_dir=tfds_dir, process_index=0, process_count=1)
+  full = list(data.get_dataset("digits", "test", **kw))
+  it = data.get_dataset("digits", "test", **kw)
+  next(it)
+  resumed = data.get_dataset("digits", "test", **kw)
+  resumed.set_state(it.get_state())
+  rest = list(resumed)
+  assert len(rest) == 3
+  for want, got in zip(full[1:], rest):
+    np.testing.assert_array_equal(want["image"], got["image"])
+    np.testing.assert_array_equal(want["mask"], got["mask"])
+
+
+def test_unknown_name_lists_close_names():
+  with pytest.raises(ValueError, match="cifar10"):
+    data.get_dataset("cifar1O", "train", batch_size=2, image_size=8, train=True, process_index=0, process_count=1)
+  assert "digits" in data.known_datasets() and "cifar10" in data.known_datasets()
+
+
+def test_bad_options_are_named(tfds_dir):
+  kw = dict(batch_size=2, image_size=8, train=True, data_dir=tfds_dir, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="crop"):
+    data.get_dataset("digits", "train", crop="center", **kw)
+  with pytest.raises(ValueError, match="normalization"):
+    data.get_dataset("digits", "train", normalization="0-1", **kw)
+  with pytest.raises(ValueError, match="batch_size"):
+    data.get_dataset("digits", "train", **{**kw, "batch_size": 5000})
+
+
+def _jpeg(rng, size, mode="RGB", fmt="JPEG"):
+  pixels = rng.integers(0, 256, size[::-1] + ((len(mode),) if len(mode) > 1 else ()), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels, mode).save(buf, fmt)
+  return buf.getvalue()
+
+
+def test_folder_grey_rgba_and_corrupt_files(tmp_path, caplog):
+  rng = np.random.default_rng(0)
+  files = {
+      "train/cat/a.jpg": _jpeg(rng, (40, 30)), "train/cat/b.jpg": _jpeg(rng, (30, 50), "L"),
+      "train/cat/broken.jpg": b"not an image at all",
+      "train/dog/c.png": _jpeg(rng, (20, 20), "RGBA", "PNG"), "train/dog/d.JPG": _jpeg(rng, (64, 48)),
+      "train/dog/truncated.jpg": _jpeg(rng, (64, 64))[:300], "train/dog/e.jpg": _jpeg(rng, (33, 44)),
+      "test/dog/f.jpg": _jpeg(rng, (40, 40)), "test/bird/g.jpg": _jpeg(rng, (40, 40)),
+  }
+  for name, content in files.items():
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(content)
+  name = f"folder:{tmp_path}"
+  assert data.num_classes(name) == 3  # bird, cat, dog (sorted union over splits).
+  assert data.num_examples(name, "train") == 7
+  with caplog.at_level(logging.WARNING):
+    batches = list(data.get_dataset(name, "train", batch_size=4, image_size=16, train=False,
+                                    process_index=0, process_count=1))
+  assert [int(b["mask"].sum()) for b in batches] == [4, 1]  # broken + truncated dropped.
+  assert sorted(np.concatenate([b["label"][b["mask"]] for b in batches]).tolist()) == [1, 1, 2, 2, 2]
+  assert "Skipped 1 undecodable" in caplog.text and "2 so far" in caplog.text
+  train = data.get_dataset(name, "train", batch_size=4, image_size=16, train=True,
+                           process_index=0, process_count=1)
+  for batch in take(train, 3):  # Inception crop via decode_and_crop_jpeg and the PNG fallback.
+    assert batch["image"].shape == (4, 16, 16, 3) and np.abs(batch["image"]).max() <= 1.0
+  with pytest.raises(ValueError, match="Split 'val' not found"):
+    data.num_examples(name, "val")
+
+
+def test_tfds_mock_cifar10():
+  with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+    train = data.get_dataset("cifar10", "train", batch_size=8, image_size=32, train=True,
+                             process_index=0, process_count=1, normalization="imagenet")
+    batch = next(train)
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].max() < 10
+    evaluation = list(data.get_dataset("cifar10", "test", batch_size=10, image_size=24, train=False,
+                                       process_index=0, process_count=1))
+    assert [int(b["mask"].sum()) for b in evaluation] == [10, 10, 4]

@@ -1,0 +1,181 @@
+"""Sharded training on 8 simulated CPU devices: meshes, accumulation, precision, schedules, bad input."""
+import importlib.util
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from vit_jax.train import optim, sharding as shd, state as state_lib, step as step_lib, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name="testing", arg=None):
+  spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def fixed_batches(n, batch=16, size=8, classes=10, seed=0):
+  rng = np.random.default_rng(seed)
+  return [{"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+           "label": rng.integers(0, classes, batch).astype(np.int32)} for _ in range(n)]
+
+
+def initial_variables(config):
+  """One random initialisation (compiled once, on one device) shared by all meshes of a test."""
+  model = trainer.build_model(config)
+  return jax.device_get(jax.jit(lambda: model.init(jax.random.key(config.seed), jnp.zeros((1, 8, 8, 3))))())
+
+
+def run_steps(config, mesh_sizes, batches, variables=None):
+  """Losses and final state of len(batches) steps on a mesh (data, fsdp, tensor)."""
+  mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_sizes)))
+  model = trainer.build_model(config)
+  tx, lr = optim.make_optimizer(config)
+  _, shardings = state_lib.state_shardings(model, tx, mesh)
+  state = state_lib.create_train_state(model, tx, mesh, config.seed, variables)
+  train_step = step_lib.make_train_step(model, tx, lr, mesh, shardings, accum_steps=config.accum_steps)
+  losses = []
+  for batch in batches:
+    state, metrics = train_step(state, trainer.to_global(batch, mesh, ("image", "label")))
+    losses.append(float(metrics["train_loss"]))
+  return np.array(losses), state
+
+
+def test_meshes_give_the_same_training():
+  """The same 5 steps on (1,1,1), (8,1,1), (2,4,1), (2,2,2): equal losses and parameters (float32)."""
+  config = load_config()
+  config.lr, config.warmup_steps = 1e-2, 0
+  batches = fixed_batches(5)
+  variables = initial_variables(config)
+  results = {}
+  with jax.default_matmul_precision("highest"):
+    for sizes in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+      losses, state = run_steps(config, sizes, batches, variables)
+      results[sizes] = (losses, jax.device_get(state.params), state)
+  ref_losses, ref_params, _ = results[(1, 1, 1)]
+  assert np.all(np.isfinite(ref_losses)) and len(set(ref_losses.tolist())) == 5  # every step changed the model
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), ref_params,
+                       variables["params"])
+  assert min(jax.tree.leaves(moved)) > 1e-4
+  for sizes, (losses, params, _) in results.items():
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6, atol=2e-6, err_msg=f"mesh {sizes}")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6, err_msg=f"mesh {sizes}"),
+                 params, ref_params)
+  # The layouts really differ: FSDP shards `embed`, the tensor axis shards heads and MLP width, also in
+  # the optimiser state (adamw's mu mirrors the params).
+  state_fsdp = results[(2, 4, 1)][2]
+  mlp = state_fsdp.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert mlp.sharding.spec == P("fsdp", None)
+  state_tp = results[(2, 2, 2)][2]
+  mlp = state_tp.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  query = state_tp.params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]["query"]["kernel"]
+  assert mlp.sharding.spec == P("fsdp", "tensor")
+  assert query.sharding.spec == P("fsdp", "tensor", None)
+  mu = state_tp.opt_state[1][0].mu["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert mu.sharding.spec == P("fsdp", "tensor")
+  assert mlp.addressable_shards[0].data.shape == (32 // 2, 64 // 2)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  config = load_config()
+  config.lr, config.warmup_steps = 1e-2, 0
+  batches = fixed_batches(2)
+  variables = initial_variables(config)
+  with jax.default_matmul_precision("highest"):
+    losses_1, state_1 = run_steps(config, (2, 2, 1), batches, variables)
+    config.accum_steps = 4
+    losses_4, state_4 = run_steps(config, (2, 2, 1), batches, variables)
+  np.testing.assert_allclose(losses_4, losses_1, rtol=2e-6, atol=2e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6),
+               jax.device_get(state_4.params), jax.device_get(state_1.params))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_optimizer_state():
+  config = load_config()
+  config.model.dtype = "bfloat16"
+  losses, state = run_steps(config, (8, 1, 1), fixed_batches(2), initial_variables(config))
+  assert np.all(np.isfinite(losses))
+  dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state)) if x.ndim > 0}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+
+
+def test_indivisible_dims_are_replicated():
+  mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  # 3 heads on a tensor axis of 2 and width 6 on fsdp 4: replicated; 64 on fsdp 4: sharded.
+  assert shd.spec_for(("embed", "heads", "kv"), (6, 3, 16), mesh) == P(None, None, None)
+  assert shd.spec_for(("embed", "heads", "kv"), (64, 4, 16), mesh) == P("fsdp", "tensor", None)
+  assert shd.spec_for(("embed", "classes"), (64, 10), mesh) == P("fsdp", None)
+
+
+def test_mesh_sizes_and_errors():
+  assert shd.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
+  assert shd.mesh_shape({"data": 2, "fsdp": 2, "tensor": -1}, 8) == (2, 2, 2)
+  with pytest.raises(ValueError, match="needs 16 devices but only 8"):
+    shd.mesh_shape({"data": 16, "fsdp": 1, "tensor": 1}, 8)
+  with pytest.raises(ValueError, match="do not divide"):
+    shd.mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 8)
+  with pytest.raises(ValueError, match="unknown mesh axes"):
+    shd.mesh_shape({"model": 2}, 8)
+
+
+def test_schedule_matches_the_official_formula():
+  total, warmup, base = 100, 10, 0.03
+  sched = optim.learning_rate_schedule(base_lr=base, total_steps=total, warmup_steps=warmup, decay_type="cosine")
+  for step in [0, 5, 10, 50, 99]:
+    # vision_transformer utils.create_learning_rate_schedule
+    progress = max(0.0, (step - warmup) / (total - warmup))
+    expected = base * 0.5 * (1 + math.cos(math.pi * progress)) * min(1.0, step / warmup)
+    assert float(sched(step)) == pytest.approx(expected, rel=1e-5, abs=1e-9)
+  linear = optim.learning_rate_schedule(base_lr=1e-3, total_steps=110, warmup_steps=10, decay_type="linear",
+                                        linear_end=1e-5)
+  assert float(linear(60)) == pytest.approx(1e-3 + (1e-5 - 1e-3) * 0.5, rel=1e-5)
+  assert float(linear(110)) == pytest.approx(1e-5, rel=1e-4)
+
+
+def test_weight_decay_touches_kernels_only():
+  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "pos_embedding": jnp.ones((1, 3, 2))}
+  mask = optim._decay_mask(params)
+  assert mask == {"dense": {"kernel": True, "bias": False}, "pos_embedding": False}
+
+
+class _CompileCounter:
+  """Counts XLA compilations (jax.monitoring events), to prove errors come before any compile."""
+
+  def __init__(self):
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(batch_size=20), "batch_size=20 must be divisible by the data-parallel size"),
+    (dict(accum_steps=4), "times accum_steps \\(4\\)"),
+    (dict(mesh=dict(data=16, fsdp=1, tensor=1)), "needs 16 devices but only 8"),
+    (dict(pretrained="/nonexistent/ViT-B_16.npz"), "does not exist"),
+    (dict(image_size=9), "image size 9x9 is not divisible by the patch size 2x2"),
+    (dict(model=dict(name="ViT-B16")), "Unknown model 'ViT-B16'. Did you mean 'ViT-B_16'"),
+    (dict(optimizer="adamm"), "unknown optimizer 'adamm'"),
+])
+def test_bad_input_fails_at_start_before_compiling(tmp_path, change, message):
+  config = load_config()
+  with config.unlocked():
+    for key, value in change.items():
+      if isinstance(value, dict):
+        value = ml_collections.ConfigDict(value) if key != "model" else ml_collections.ConfigDict(
+            dict(config.model.to_dict(), **value))
+      setattr(config, key, value)
+  counter = _CompileCounter()
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert counter.count == 0

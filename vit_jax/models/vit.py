@@ -1,0 +1,384 @@
+"""Vision Transformer (ViT) and hybrid ResNet+ViT, as google-research/vision_transformer.
+
+Module and parameter names equal the official linen model (`models_vit.py`,
+`models_resnet.py`) so released checkpoints map one to one:
+
+  [conv_root, gn_root, block{s}/unit{u}/...]   hybrid ResNet-v2 root (GroupNorm + weight-standardised convs)
+  embedding                                    patch embedding (a strided conv)
+  cls                                          class token (classifier='token')
+  Transformer/posembed_input/pos_embedding     learned position embedding, cls row first
+  Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}
+  Transformer/encoder_norm
+  pre_logits                                   optional representation layer (Dense + tanh)
+  head
+
+With `scan=True` the blocks are one `nn.scan` over depth: a single
+`Transformer/encoderblock` subtree whose parameters carry a leading depth axis
+(logical axis 'layers').  The weight converters translate between the two
+layouts, so any checkpoint loads into either.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models import layers, registry
+from vit_jax.models.layers import CLASSES, CONV_IN, EMBED, LAYERS, logical
+
+Dtype = Any
+
+CLASSIFIERS = ("token", "gap")
+POSEMBS = ("learn", "sincos2d")
+
+
+# ----------------------------------------------------------------------------- hybrid ResNet root
+
+class StdConv(nn.Conv):
+  """Conv with weight standardisation, exactly as the official ViT hybrid.
+
+  The kernel is standardised over (h, w, in) per output channel as
+  `(w - mean) / (std + 1e-5)` (timm's port uses `sqrt(var + 1e-8)`: both agree
+  to ~1e-5 / std relative).
+  """
+
+  def param(self, name, *args, **kwargs):
+    param = super().param(name, *args, **kwargs)
+    if name == "kernel":
+      kernel = jnp.asarray(param, jnp.float32)
+      kernel = kernel - jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+      kernel = kernel / (jnp.std(kernel, axis=(0, 1, 2), keepdims=True) + 1e-5)
+      param = kernel.astype(param.dtype)
+    return param
+
+
+def _std_conv(features, kernel_size, strides, name, dtype, param_dtype):
+  return StdConv(features, kernel_size, strides=strides, padding="SAME", use_bias=False, dtype=dtype,
+                 param_dtype=param_dtype, name=name,
+                 kernel_init=logical(nn.initializers.lecun_normal(), (None, None, CONV_IN, None)))
+
+
+def _group_norm(name, dtype, param_dtype, scale_init=nn.initializers.ones):
+  # flax defaults as the official code: 32 groups, epsilon 1e-6 (timm's port: 1e-5).
+  return nn.GroupNorm(num_groups=32, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=logical(scale_init, (None,)),
+                      bias_init=logical(nn.initializers.zeros, (None,)))
+
+
+class ResidualUnit(nn.Module):
+  """Bottleneck unit of ResNet-v2 as in the ViT hybrids (post-activation, GroupNorm, StdConv)."""
+  features: int
+  strides: tuple[int, int] = (1, 1)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(_std_conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(_group_norm, dtype=self.dtype, param_dtype=self.param_dtype)
+    residual = x
+    if x.shape[-1] != self.features * 4 or self.strides != (1, 1):
+      residual = conv(self.features * 4, (1, 1), self.strides, "conv_proj")(residual)
+      residual = norm("gn_proj")(residual)
+    y = nn.relu(norm("gn1")(conv(self.features, (1, 1), (1, 1), "conv1")(x)))
+    y = nn.relu(norm("gn2")(conv(self.features, (3, 3), self.strides, "conv2")(y)))
+    # Zero-initialised last norm: every unit starts as the identity (official init).
+    y = norm("gn3", scale_init=nn.initializers.zeros)(conv(self.features * 4, (1, 1), (1, 1), "conv3")(y))
+    return nn.relu(residual + y)
+
+
+class ResNetStage(nn.Module):
+  """`block_size` units named unit1..unitN; only the first one strides."""
+  block_size: int
+  features: int
+  first_stride: tuple[int, int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.block_size):
+      x = ResidualUnit(self.features, strides=self.first_stride if i == 0 else (1, 1), dtype=self.dtype,
+                       param_dtype=self.param_dtype, name=f"unit{i + 1}")(x)
+    return x
+
+
+def resnet_stride(resnet) -> int:
+  """Downsampling of the hybrid root: 4 (stem) times 2 per stage after the first."""
+  if resnet is None:
+    return 1
+  num_layers, _ = resnet
+  return 4 * 2 ** max(len(num_layers) - 1, 0)
+
+
+def check_resnet(resnet) -> tuple[tuple[int, ...], float]:
+  try:
+    num_layers, width_factor = resnet
+    num_layers = tuple(int(n) for n in num_layers)
+    width_factor = float(width_factor)
+  except (TypeError, ValueError):
+    raise ValueError(f"resnet must be None or (stage_depths, width_factor), e.g. ((3, 4, 9), 1); got {resnet!r}.")
+  if int(64 * width_factor) % 32:
+    raise ValueError(f"resnet width 64*width_factor={64 * width_factor} must be a multiple of 32 "
+                     "(GroupNorm uses 32 groups).")
+  return num_layers, width_factor
+
+
+# ----------------------------------------------------------------------------- transformer
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2D sin-cos position embedding of big_vision / MoCo-v3, shape [1, h*w, width]."""
+  if width % 4:
+    raise ValueError(f"posemb='sincos2d' needs hidden_size divisible by 4, got {width}.")
+  y, x = np.mgrid[:h, :w]
+  omega = np.arange(width // 4) / max(width // 4 - 1, 1)
+  omega = 1.0 / temperature ** omega
+  y = np.einsum("m,d->md", y.reshape(-1), omega)
+  x = np.einsum("m,d->md", x.reshape(-1), omega)
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None].astype(np.float32)
+
+
+def _layer_norm(name, dtype, param_dtype):
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=logical(nn.initializers.ones, (EMBED,)),
+                      bias_init=logical(nn.initializers.zeros, (EMBED,)))
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block.  Returns (x, None) so that it can be the body of `nn.scan`."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  use_drop_path: bool = False
+  approximate_gelu: bool = True
+  attention_implementation: str = "xla"
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _drop_path(self, x, rate):
+    # `rate` may be traced (one value per layer under nn.scan), hence no layers.DropPath here.
+    if self.deterministic or not self.use_drop_path:
+      return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+  @nn.compact
+  def __call__(self, inputs, drop_path_rate=0.0):
+    x = _layer_norm("LayerNorm_0", self.dtype, self.param_dtype)(inputs)
+    x = layers.Attention(
+        num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
+        implementation=self.attention_implementation, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="MultiHeadDotProductAttention_0")(x, deterministic=self.deterministic)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=self.deterministic)
+    x = inputs + self._drop_path(x, drop_path_rate)
+    y = _layer_norm("LayerNorm_1", self.dtype, self.param_dtype)(x)
+    y = layers.MlpBlock(
+        mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, approximate_gelu=self.approximate_gelu,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="MlpBlock_0")(y, deterministic=self.deterministic)
+    return x + self._drop_path(y, drop_path_rate), None
+
+
+def remat_policy_fn(name: str):
+  """The `jax.checkpoint_policies` entry called `name` (a clear error for a wrong name)."""
+  valid = sorted(n for n in dir(jax.checkpoint_policies)
+                 if not n.startswith("_") and (n.endswith("saveable") or n.startswith("everything")
+                                               or n.startswith("nothing")))
+  if name not in valid:
+    raise ValueError(f"remat_policy {name!r} is not a jax.checkpoint_policies entry; valid: {', '.join(valid)}.")
+  return getattr(jax.checkpoint_policies, name)
+
+
+class AddPositionEmbs(nn.Module):
+  """Learned position embedding of shape [1, tokens, width] (cls row first), added to the input."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    pos = self.param("pos_embedding", logical(nn.initializers.normal(stddev=0.02), (None, None, EMBED)),
+                     (1,) + x.shape[1:], self.param_dtype)
+    return x + jnp.asarray(pos, x.dtype)
+
+
+class Encoder(nn.Module):
+  """Position embedding, dropout, `depth` blocks and the final LayerNorm (module name `Transformer`)."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  posemb: str = "learn"
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  approximate_gelu: bool = True
+  attention_implementation: str = "xla"
+  scan: bool = False
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    if self.posemb == "learn":
+      x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+    block = Encoder1DBlock
+    if self.remat:
+      # Under scan, CSE across iterations is impossible anyway; prevent_cse=False lets XLA optimise more.
+      block = nn.remat(block, policy=remat_policy_fn(self.remat_policy), prevent_cse=not self.scan)
+    block_args = dict(
+        mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate, use_drop_path=self.drop_path_rate > 0,
+        approximate_gelu=self.approximate_gelu, attention_implementation=self.attention_implementation,
+        deterministic=not train, dtype=self.dtype, param_dtype=self.param_dtype)
+    # Stochastic depth grows linearly with depth, 0 for the first block (as timm / big_vision).
+    rates = np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
+    if self.scan:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=0, length=self.depth, metadata_params={nn.PARTITION_NAME: LAYERS})
+      x, _ = stack(name="encoderblock", **block_args)(x, jnp.asarray(rates))
+    else:
+      for i in range(self.depth):
+        x, _ = block(name=f"encoderblock_{i}", **block_args)(x, float(rates[i]))
+    return _layer_norm("encoder_norm", self.dtype, self.param_dtype)(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT / hybrid ResNet+ViT.  `__call__(images [n, h, w, 3] float32, train) -> logits [n, num_classes]`."""
+  model_name: str = "ViT-B_16"
+  num_classes: int = 1000
+  image_size: int | tuple[int, int] = 224
+  patch_size: int | tuple[int, int] = 16
+  hidden_size: int = 768
+  depth: int = 12
+  mlp_dim: int = 3072
+  num_heads: int = 12
+  classifier: str = "token"               # 'token' (cls token) or 'gap' (mean of the tokens)
+  representation_size: Optional[int] = None  # pre-logits Dense + tanh
+  posemb: str = "learn"                   # 'learn' or 'sincos2d' (fixed, big_vision)
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  approximate_gelu: bool = True           # tanh GELU as the official code; timm uses the exact one
+  attention_implementation: str = "xla"   # 'xla' or 'cudnn' (jax.nn.dot_product_attention)
+  dtype: Dtype = jnp.float32              # compute dtype, e.g. jnp.bfloat16
+  param_dtype: Dtype = jnp.float32
+  scan: bool = False
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  resnet: Optional[tuple[Sequence[int], float]] = None  # hybrid root: (stage depths, width factor)
+  head_bias_init: float = 0.0
+
+  def check_config(self) -> None:
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}.")
+    if self.posemb not in POSEMBS:
+      raise ValueError(f"posemb must be one of {POSEMBS}, got {self.posemb!r}.")
+    if self.attention_implementation not in layers.ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention_implementation must be one of {layers.ATTENTION_IMPLEMENTATIONS}, "
+                       f"got {self.attention_implementation!r}.")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}.")
+    if self.resnet is not None:
+      check_resnet(self.resnet)
+    if self.remat:
+      remat_policy_fn(self.remat_policy)
+
+  @property
+  def total_stride(self) -> tuple[int, int]:
+    ph, pw = layers.to_2tuple(self.patch_size)
+    s = resnet_stride(None if self.resnet is None else check_resnet(self.resnet))
+    return ph * s, pw * s
+
+  @property
+  def grid_size(self) -> tuple[int, int]:
+    """Patch grid (rows, columns) at `image_size`; raises when the size does not divide."""
+    what = "patch size" if self.resnet is None else "total stride (ResNet root x patch size)"
+    return layers.check_divisible(self.image_size, self.total_stride, what)
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    self.check_config()
+    grid = self.grid_size
+    expected = layers.to_2tuple(self.image_size)
+    if images.ndim != 4 or tuple(images.shape[1:3]) != expected or images.shape[3] != 3:
+      raise ValueError(f"{self.model_name} expects images [batch, {expected[0]}, {expected[1]}, 3] (NHWC), "
+                       f"got {tuple(images.shape)}; for another resolution build the model with "
+                       "get_model(..., image_size=...) (load_pretrained resizes the position embeddings).")
+    x = jnp.asarray(images, self.dtype)
+
+    if self.resnet is not None:
+      num_layers, width_factor = check_resnet(self.resnet)
+      width = int(64 * width_factor)
+      x = _std_conv(width, (7, 7), (2, 2), "conv_root", self.dtype, self.param_dtype)(x)
+      x = nn.relu(_group_norm("gn_root", self.dtype, self.param_dtype)(x))
+      x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
+      for stage, units in enumerate(num_layers):
+        x = ResNetStage(units, width * 2 ** stage, first_stride=(1, 1) if stage == 0 else (2, 2),
+                        dtype=self.dtype, param_dtype=self.param_dtype, name=f"block{stage + 1}")(x)
+
+    x = nn.Conv(self.hidden_size, layers.to_2tuple(self.patch_size), strides=layers.to_2tuple(self.patch_size),
+                padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype, name="embedding",
+                kernel_init=logical(nn.initializers.lecun_normal(), (None, None, CONV_IN, EMBED)),
+                bias_init=logical(nn.initializers.zeros, (EMBED,)))(x)
+    n, h, w, c = x.shape
+    assert (h, w) == grid, ((h, w), grid)
+    x = x.reshape(n, h * w, c)
+    if self.posemb == "sincos2d":
+      # Fixed table on the grid only; the cls token gets none (big_vision).
+      x = x + jnp.asarray(posemb_sincos_2d(h, w, c), x.dtype)
+    if self.classifier == "token":
+      cls = self.param("cls", logical(nn.initializers.zeros, (None, None, EMBED)), (1, 1, c), self.param_dtype)
+      x = jnp.concatenate([jnp.tile(jnp.asarray(cls, x.dtype), (n, 1, 1)), x], axis=1)
+
+    x = Encoder(
+        depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, posemb=self.posemb,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        drop_path_rate=self.drop_path_rate, approximate_gelu=self.approximate_gelu,
+        attention_implementation=self.attention_implementation, scan=self.scan, remat=self.remat,
+        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="Transformer")(x, train=train)
+
+    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.representation_size is not None:
+      x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_logits",
+                   kernel_init=logical(nn.initializers.lecun_normal(), (EMBED, None)),
+                   bias_init=logical(nn.initializers.zeros, (None,)))(x)
+      x = jnp.tanh(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
+                 kernel_init=logical(nn.initializers.zeros, (EMBED if self.representation_size is None else None,
+                                                             CLASSES)),
+                 bias_init=logical(nn.initializers.constant(self.head_bias_init), (CLASSES,)))(x)
+    return x.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- registry
+
+# name -> (patch, hidden, mlp_dim, heads, depth, dropout_rate, resnet); values as the official configs/models.py.
+_CONFIGS = {
+    "ViT-Ti_16": (16, 192, 768, 3, 12, 0.0, None),
+    "ViT-S_16": (16, 384, 1536, 6, 12, 0.0, None),
+    "ViT-S_32": (32, 384, 1536, 6, 12, 0.0, None),
+    "ViT-B_8": (8, 768, 3072, 12, 12, 0.0, None),
+    "ViT-B_16": (16, 768, 3072, 12, 12, 0.0, None),
+    "ViT-B_32": (32, 768, 3072, 12, 12, 0.0, None),
+    "ViT-L_16": (16, 1024, 4096, 16, 24, 0.1, None),
+    "ViT-L_32": (32, 1024, 4096, 16, 24, 0.0, None),
+    "ViT-H_14": (14, 1280, 5120, 16, 32, 0.1, None),
+    "R+ViT-Ti_16": (8, 192, 768, 3, 12, 0.0, ((), 1)),
+    "R26+ViT-S_32": (1, 384, 1536, 6, 12, 0.0, ((2, 2, 2, 2), 1)),
+    "R26+ViT-B_32": (1, 768, 3072, 12, 12, 0.0, ((2, 2, 2, 2), 1)),
+    "R50+ViT-B_16": (1, 768, 3072, 12, 12, 0.1, ((3, 4, 9), 1)),
+    "R50+ViT-L_32": (1, 1024, 4096, 16, 24, 0.1, ((3, 4, 6, 3), 1)),
+}
+
+for _name, (_patch, _hidden, _mlp, _heads, _depth, _dropout, _resnet) in _CONFIGS.items():
+  registry.register(_name, "vit", VisionTransformer, image_size=224, patch_size=_patch, hidden_size=_hidden,
+                    mlp_dim=_mlp, num_heads=_heads, depth=_depth, dropout_rate=_dropout, resnet=_resnet)

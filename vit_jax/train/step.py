@@ -1,0 +1,129 @@
+"""The jitted train and eval steps (explicit in/out shardings, donated state).
+
+Gradient accumulation splits the global batch into `accum_steps` micro-batches
+and sums their gradients in a `lax.scan`; the micro-batches interleave examples
+(`i, i + accum, ...`) so that each stays split over the data-parallel devices
+without moving data.  The mean of equal-sized micro-batch means equals the
+full-batch mean, so accum_steps=k and one big step give the same update.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vit_jax.train import sharding as shd
+from vit_jax.train.state import TrainState
+
+
+def soft_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if label_smoothing:
+    onehot = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+  return onehot
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy, in float32 whatever the compute dtype."""
+  return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                    mesh: jax.sharding.Mesh, state_shardings: TrainState, *, accum_steps: int = 1,
+                    label_smoothing: float = 0.0, mixup: dict | None = None) -> Callable:
+  """`step(state, batch) -> (state, metrics)`, jitted with shardings; `state` is donated.
+
+  `batch` = {"image": f32 [B, h, w, 3], "label": int32 [B]} split over (data, fsdp).
+  `mixup` = {"mixup_alpha", "cutmix_alpha", "switch_prob"} or None.
+  metrics: loss, grad_norm, param_norm, learning_rate (replicated scalars).
+  """
+  num_classes = model.num_classes
+  has_bn = bool(jax.tree.leaves(state_shardings.batch_stats))
+
+  def loss_fn(params, batch_stats, images, targets, rng):
+    variables = {"params": params}
+    if has_bn:
+      variables["batch_stats"] = batch_stats
+      logits, updates = model.apply(variables, images, train=True, rngs={"dropout": rng},
+                                    mutable=["batch_stats"])
+      batch_stats = updates["batch_stats"]
+    else:
+      logits = model.apply(variables, images, train=True, rngs={"dropout": rng})
+    return cross_entropy(logits, targets), batch_stats
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    mix_rng, dropout_rng = jax.random.split(rng)
+    images = batch["image"]
+    targets = soft_targets(batch["label"], num_classes, label_smoothing)
+    if mixup:
+      from vit_jax.data import mixup as mixup_lib
+      images, targets = mixup_lib.mix(mix_rng, images, targets, **mixup)
+
+    if accum_steps == 1:
+      (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, images, targets, dropout_rng)
+    else:
+      def split(x):
+        # [B, ...] -> [accum, B / accum, ...], micro-batch i = rows i, i + accum, ...
+        x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+        x = jnp.moveaxis(x, 1, 0)
+        spec = P(None, shd.BATCH_AXES, *([None] * (x.ndim - 2)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+      def micro(carry, xs):
+        grads_sum, loss_sum, batch_stats, i = carry
+        (loss, batch_stats), grads = grad_fn(state.params, batch_stats, xs[0], xs[1],
+                                             jax.random.fold_in(dropout_rng, i))
+        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+        return (grads_sum, loss_sum + loss, batch_stats, i + 1), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, loss, batch_stats, _), _ = jax.lax.scan(
+          micro, (zeros, jnp.zeros((), jnp.float32), state.batch_stats, jnp.zeros((), jnp.int32)),
+          (split(images), split(targets)))
+      grads = jax.tree.map(lambda g: g / accum_steps, grads)
+      loss = loss / accum_steps
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"train_loss": loss, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), "learning_rate": lr_schedule(state.step)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats)
+    return new_state, metrics
+
+  batch_shardings = {"image": shd.batch_sharding(mesh, 4), "label": shd.batch_sharding(mesh, 1)}
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+
+
+def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, state_shardings: TrainState) -> Callable:
+  """`eval_step(state, batch) -> {"correct", "correct_top5", "count", "loss_sum"}` summed over the batch.
+
+  Padded examples (mask False) count nowhere, so the sums over a padded
+  evaluation pass cover every example exactly once.
+  """
+  has_bn = bool(jax.tree.leaves(state_shardings.batch_stats))
+
+  def eval_step(state: TrainState, batch: dict) -> dict:
+    variables = {"params": state.params}
+    if has_bn:
+      variables["batch_stats"] = state.batch_stats
+    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+    labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+    top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    topk = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"correct": jnp.sum(top1 * mask), "correct_top5": jnp.sum(topk * mask),
+            "count": jnp.sum(mask), "loss_sum": jnp.sum(loss * mask)}
+
+  batch_shardings = {"image": shd.batch_sharding(mesh, 4), "label": shd.batch_sharding(mesh, 1),
+                     "mask": shd.batch_sharding(mesh, 1)}
+  return jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings), out_shardings=shd.replicated(mesh))
