@@ -66,9 +66,18 @@ def test_cli_infer_with_timm(capsys):
 def test_timm_spec_matches_the_architecture():
   args = bench.parse_args(TINY_VIT + ["--set", "classifier=gap", "--set", "drop_path_rate=0.1"])
   spec = bench.timm_spec(bench.build_model(args), args, 4)
+  assert spec["timm_name"] == "vit_tiny_patch16_224"
   assert spec["kwargs"] == dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0,
                                 class_token=False, global_pool="avg", drop_path_rate=0.1)
   assert spec["batch"] == 4 and spec["image_size"] == [32, 32] and spec["num_classes"] == 10
+  # Registered models keep their regularisation in timm too (ViT-L/16: dropout 0.1).
+  args = bench.parse_args(["--model", "ViT-L_16"])
+  spec = bench.timm_spec(bench.build_model(args), args, 4)
+  assert spec["kwargs"]["proj_drop_rate"] == spec["kwargs"]["pos_drop_rate"] == 0.1
+  args = bench.parse_args(["--model", "MaxViT-T", "--image-size", "384"])
+  spec = bench.timm_spec(bench.build_model(args), args, 4)
+  assert spec["timm_name"] is None and spec["kwargs"] == {"drop_path_rate": 0.2}
+  assert spec["image_size"] == [384, 384]
   # Other families take no architecture overrides in timm: a clear error.
   args = bench.parse_args(["--model", "MaxViT-T", "--set", "depths=(1, 1)", "--set", "embed_dims=(32, 64)",
                            "--vs", "timm"])
@@ -82,11 +91,26 @@ def test_timm_names_exist():
   timm = bench._import_timm()
   for name in bench.TIMM_NAMES.values():
     assert timm.is_model(name), name
-  assert bench.timm_model_name("ViT-B_16", (224, 224)) == ("vit_base_patch16_224", {})
-  assert bench.timm_model_name("ViT-B_16", (384, 384)) == ("vit_base_patch16_384", {})
-  assert bench.timm_model_name("MaxViT-T", (512, 512)) == ("maxvit_tiny_tf_512", {})
-  assert bench.timm_model_name("CrossViT-15-dagger", (408, 408)) == ("crossvit_15_dagger_408", {})
-  assert bench.timm_model_name("ViT-S_16", (256, 256)) == ("vit_small_patch16_224", {"img_size": 256})
+  named = lambda model, size: bench.timm_model_name(model, size, timm.is_model)
+  assert named("ViT-B_16", (224, 224)) == ("vit_base_patch16_224", {})
+  assert named("ViT-B_16", (384, 384)) == ("vit_base_patch16_384", {})
+  assert named("MaxViT-T", (512, 512)) == ("maxvit_tiny_tf_512", {})
+  assert named("CrossViT-15-dagger", (408, 408)) == ("crossvit_15_dagger_408", {})
+  assert named("ViT-S_16", (256, 256)) == ("vit_small_patch16_224", {"img_size": 256})
+  assert named("MaxViT-T", (448, 320)) == ("maxvit_tiny_tf_224", {"img_size": (448, 320)})
+
+
+def test_timm_worker_reports_a_failing_variant_and_keeps_going():
+  # In-process here (torch is imported by the previous test anyway); the CLI runs it in a subprocess.
+  spec = {"model": "ViT-Ti_16", "timm_name": "vit_tiny_patch16_224", "num_classes": 10, "batch": 2,
+          "image_size": [32, 32], "dtype": "float32", "mode": "infer", "steps": 1, "warmup": 0,
+          "modes": ["eager"], "threads": 1, "seed": 0,
+          "kwargs": dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, no_such_option=1)}
+  result = bench.timm_worker(spec)
+  assert "no_such_option" in result["timm_eager_error"] and "timm_eager_img_per_sec" not in result
+  del spec["kwargs"]["no_such_option"]
+  result = bench.timm_worker(spec)
+  assert result["timm_eager_img_per_sec"] > 0 and "timm_eager_error" not in result
 
 
 def test_find_max_batch_bisects_to_the_largest_fitting_batch(capsys, monkeypatch):

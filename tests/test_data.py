@@ -114,7 +114,9 @@ def test_eval_resume_mid_pass(tfds_dir):
   resumed = data.get_dataset("digits", "test", **kw)
   resumed.set_state(it.get_state())
   rest = list(resumed)
-  assert len(rest) == 3
+  assert len(rest) == 3 and list(resumed) == []
+  resumed.reset()
+  np.testing.assert_array_equal(next(resumed)["image"], full[0]["image"])
   for want, got in zip(full[1:], rest):
     np.testing.assert_array_equal(want["image"], got["image"])
     np.testing.assert_array_equal(want["mask"], got["mask"])
@@ -134,6 +136,17 @@ def test_bad_options_are_named(tfds_dir):
     data.get_dataset("digits", "train", normalization="0-1", **kw)
   with pytest.raises(ValueError, match="batch_size"):
     data.get_dataset("digits", "train", **{**kw, "batch_size": 5000})
+
+
+def test_pipeline_with_randaugment(tfds_dir):
+  kw = dict(batch_size=16, image_size=16, train=True, data_dir=tfds_dir, process_index=0, process_count=1)
+  plain = next(data.get_dataset("digits", "train", **kw))
+  augmented = next(data.get_dataset("digits", "train", randaugment=(2, 15), **kw))
+  np.testing.assert_array_equal(plain["label"], augmented["label"])
+  assert not np.array_equal(plain["image"], augmented["image"])
+  assert augmented["image"].min() >= -1.0 and augmented["image"].max() <= 1.0
+  with pytest.raises(ValueError, match="randaugment"):
+    data.get_dataset("digits", "train", randaugment=(2,), **kw)
 
 
 def _jpeg(rng, size, mode="RGB", fmt="JPEG"):
@@ -164,10 +177,20 @@ def test_folder_grey_rgba_and_corrupt_files(tmp_path, caplog):
   assert [int(b["mask"].sum()) for b in batches] == [4, 1]  # broken + truncated dropped.
   assert sorted(np.concatenate([b["label"][b["mask"]] for b in batches]).tolist()) == [1, 1, 2, 2, 2]
   assert "Skipped 1 undecodable" in caplog.text and "2 so far" in caplog.text
-  train = data.get_dataset(name, "train", batch_size=4, image_size=16, train=True,
-                           process_index=0, process_count=1)
-  for batch in take(train, 3):  # Inception crop via decode_and_crop_jpeg and the PNG fallback.
+  kw = dict(batch_size=4, image_size=16, train=True, process_index=0, process_count=1)
+  reference = take(data.get_dataset(name, "train", **kw), 5)  # 5 good images per epoch: 4 epochs.
+  for batch in reference:  # Inception crop via decode_and_crop_jpeg and the PNG fallback.
     assert batch["image"].shape == (4, 16, 16, 3) and np.abs(batch["image"]).max() <= 1.0
+  first = data.get_dataset(name, "train", **kw)
+  take(first, 2)
+  resumed = data.get_dataset(name, "train", **kw)
+  resumed.set_state(first.get_state())  # Exact resume although files are skipped.
+  for want, got in zip(reference[2:], take(resumed, 3)):
+    np.testing.assert_array_equal(want["image"], got["image"])
+  # 2 test images over 3 processes: the third has none and still yields the common 1 batch.
+  shares = [list(data.get_dataset(name, "test", batch_size=2, image_size=8, train=False, process_index=i,
+                                  process_count=3)) for i in range(3)]
+  assert [[int(b["mask"].sum()) for b in share] for share in shares] == [[1], [1], [0]]
   with pytest.raises(ValueError, match="Split 'val' not found"):
     data.num_examples(name, "val")
 

@@ -84,5 +84,33 @@ def test_builds_array_record_with_sorted_synset_labels(release, tmp_path, caplog
   pixels = lambda batches: sorted(im.tobytes() for b in batches for im in b["image"][b["mask"]])
   assert [sum(int(b["mask"].sum()) for b in h) for h in halves] == [6, 5]
   assert pixels(halves[0] + halves[1]) == pixels(train)  # Union = whole split, no duplicates.
-  it = data.get_dataset("imagenet21k/fall11", "train", batch_size=4, image_size=16, train=True, **kw)
-  assert next(it)["image"].shape == (4, 16, 16, 3)
+  # Training reads a fresh random permutation of the records each epoch (random access).
+  raw = dict(crop="resize", flip=False, normalization="none")
+  epochs = data.get_dataset("imagenet21k/fall11", "train", batch_size=11, image_size=16, train=True,
+                                   **raw, **kw)
+  plain = [b["image"] for b in data.get_dataset("imagenet21k/fall11", "train", batch_size=11, image_size=16,
+                                                train=False, **raw, **kw)]
+  first, second = next(epochs), next(epochs)
+  assert pixels([first]) == pixels([second]) == sorted(im.tobytes() for im in plain[0])
+  assert not np.array_equal(first["image"], second["image"])
+  epochs.set_state({**epochs.get_state(), "epoch": 0, "position": 0})
+  np.testing.assert_array_equal(next(epochs)["image"], first["image"])
+
+
+def test_winter21_reads_gzipped_release(tmp_path):
+  import tensorflow_datasets as tfds
+  rng = np.random.default_rng(1)
+  with tarfile.open(tmp_path / "winter21_whole.tar.gz", "w:gz") as outer:
+    for synset in ("n02", "n01"):
+      inner_buf = io.BytesIO()
+      with tarfile.open(fileobj=inner_buf, mode="w") as inner:
+        for name in _names(synset, False, 2) + _names(synset, True, 1):
+          _add(inner, name, _encode(rng, "RGB", "JPEG"))
+      _add(outer, f"{synset}.tar", inner_buf.getvalue())
+  builder = tfds.builder("imagenet21k/winter21", data_dir=str(tmp_path / "tfds"))
+  path = tmp_path / "winter21_whole.tar.gz"
+  synsets = builder._synsets(path)  # pylint: disable=protected-access
+  assert synsets == ["n01", "n02"]
+  train = list(builder._generate_examples(path, synsets, validation=False))  # pylint: disable=protected-access
+  assert sorted((key.split("/")[0], ex["label"]) for key, ex in train) == [("n01", 0)] * 2 + [("n02", 1)] * 2
+  assert len(list(builder._generate_examples(path, synsets, validation=True))) == 2  # pylint: disable=protected-access

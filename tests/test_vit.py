@@ -80,11 +80,12 @@ def test_r_ti_grid_is_7x7_at_224():
     dict(), dict(classifier="gap"), dict(posemb="sincos2d"), dict(representation_size=16),
     dict(resnet=((1, 1), 0.5), patch_size=1), dict(image_size=(32, 48))])
 def test_tiny_forward_shapes(options):
+  # Shapes only (eval_shape: no compilation); the numbers are checked against timm in test_weights_vit.
   model = tiny(depth=1, **options)
   size = model.image_size
   x = jnp.zeros((2,) + (size if isinstance(size, tuple) else (size, size)) + (3,))
-  variables = model.init(jax.random.key(0), x)
-  logits = model.apply(variables, x)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  logits = jax.eval_shape(model.apply, variables, x)
   assert logits.shape == (2, 5) and logits.dtype == jnp.float32
   params = nn.meta.unbox(variables)["params"]
   assert ("cls" in params) == (model.classifier == "token")
@@ -101,18 +102,18 @@ def test_sincos2d_table():
       [np.sin(2 * omega), np.cos(2 * omega), np.sin(1 * omega), np.cos(1 * omega)]), rtol=1e-6)
 
 
-def test_scan_and_loop_give_the_same_logits():
-  x = images()
-  loop, scan = tiny(), tiny(scan=True)
-  variables = random_head(loop.init(jax.random.key(0), x))
-  flat = core.flatten(variables)
-  scanned = official_npz.loop_to_scan({k[len("params/"):]: np.asarray(v) for k, v in flat.items()}, depth=2)
-  scan_vars = core.unflatten({f"params/{k}": v for k, v in scanned.items()})
-  with jax.default_matmul_precision("highest"):
-    # Same float32 arithmetic up to operation order; logits are O(10) here.
-    np.testing.assert_allclose(scan.apply(scan_vars, x), loop.apply(variables, x), rtol=1e-5, atol=1e-5)
+def test_scan_and_loop_layouts_convert_both_ways():
+  # (Scan models reproduce timm's logits in test_weights_vit; here: the layout converters themselves.)
+  loop = {k[len("params/"):]: v for k, v in core.abstract_variables(tiny()).items()}
+  scan = {k[len("params/"):]: v for k, v in core.abstract_variables(tiny(scan=True)).items()}
+  values = {k: np.random.default_rng(0).standard_normal(v.shape).astype(np.float32) for k, v in loop.items()}
+  scanned = official_npz.loop_to_scan(values, depth=2)
+  assert {k: v.shape for k, v in scanned.items()} == {k: v.shape for k, v in scan.items()}
+  key = "MultiHeadDotProductAttention_0/query/kernel"
+  np.testing.assert_array_equal(scanned[f"Transformer/encoderblock/{key}"][1],
+                                values[f"Transformer/encoderblock_1/{key}"])
   back = official_npz.scan_to_loop(scanned)
-  assert set(back) == {k[len("params/"):] for k in flat}
+  assert set(back) == set(values) and all(np.array_equal(back[k], values[k]) for k in values)
 
 
 def test_remat_changes_nothing_numerically():
@@ -141,7 +142,6 @@ def test_dropout_and_drop_path_only_in_training():
     model = tiny(**options)
     variables = random_head(model.init(jax.random.key(0), x))
     eval_out = model.apply(variables, x)
-    np.testing.assert_array_equal(eval_out, model.apply(variables, x))
     train_a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
     train_b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
     assert np.abs(np.asarray(train_a - eval_out)).max() > 1e-4, options
@@ -161,7 +161,7 @@ def test_bfloat16_compute_keeps_float32_params():
   x = images()
   model32, model16 = tiny(), tiny(dtype=jnp.bfloat16)
   variables = random_head(model32.init(jax.random.key(0), x))
-  init16 = nn.meta.unbox(model16.init(jax.random.key(0), x))
+  init16 = nn.meta.unbox(jax.eval_shape(model16.init, jax.random.key(0), x))
   assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(init16))
   out16, out32 = model16.apply(variables, x), model32.apply(variables, x)
   assert out16.dtype == jnp.float32

@@ -267,7 +267,7 @@ def init_state(model, mode: str, seed: int):
     return variables, None
   tx = optax.adamw(1e-4, weight_decay=0.05)
   params = variables["params"]
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params),
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
            "batch_stats": variables.get("batch_stats", {}), "rng": jax.random.key_data(jax.random.key(seed + 1))}
   return state, tx
 
@@ -358,20 +358,21 @@ def device_info() -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- timm
 
 
-def timm_model_name(model_name: str, image_size: tuple[int, int]) -> tuple[str, dict[str, Any]]:
-  """timm model name plus extra create_model kwargs for our `model_name` at `image_size`."""
+def timm_model_name(model_name: str, image_size, is_model) -> tuple[str, dict[str, Any]]:
+  """timm name plus extra create_model kwargs for our `model_name` at `image_size`.
+
+  The size-specific timm variant when `is_model` (timm.is_model) knows it
+  (e.g. vit_base_patch16_384, maxvit_tiny_tf_512), else the native one with `img_size=`.
+  """
   if model_name not in TIMM_NAMES:
     raise ValueError(f"no timm counterpart known for {model_name!r}; known: {', '.join(TIMM_NAMES)}.")
   name = TIMM_NAMES[model_name]
   h, w = image_size
-  native = int(name.rsplit("_", 1)[1])
-  if (h, w) == (native, native):
+  base, native = name.rsplit("_", 1)
+  if (h, w) == (int(native), int(native)):
     return name, {}
-  if h == w:
-    sized = f"{name.rsplit('_', 1)[0]}_{h}"
-    import timm
-    if timm.is_model(sized):
-      return sized, {}
+  if h == w and is_model(f"{base}_{h}"):
+    return f"{base}_{h}", {}
   return name, {"img_size": h if h == w else (h, w)}
 
 
@@ -383,7 +384,7 @@ def timm_spec(model, args: argparse.Namespace, batch: int) -> dict[str, Any]:
   overrides = parse_overrides(args.overrides)
   arch = {k: v for k, v in overrides.items() if k not in ("dropout_rate", "attention_dropout_rate",
                                                           "drop_path_rate", "dtype", "param_dtype")}
-  kwargs: dict[str, Any] = {}
+  name, kwargs = None, {}  # name None: the worker picks it with timm_model_name
   if family == "vit" and getattr(model, "resnet", None) is None:
     # Plain ViT: give timm the full architecture so overridden (e.g. tiny) configs match too.
     name = TIMM_NAMES.get(args.model, "vit_base_patch16_224")
@@ -392,28 +393,34 @@ def timm_spec(model, args: argparse.Namespace, batch: int) -> dict[str, Any]:
                   depth=model.depth, num_heads=model.num_heads, mlp_ratio=model.mlp_dim / model.hidden_size)
     if model.classifier == "gap":
       kwargs.update(class_token=False, global_pool="avg")
+  elif arch:
+    raise ValueError(f"--vs timm with --set {sorted(arch)} is supported for plain ViT models only "
+                     f"(timm's {family} models take no such overrides).")
+  # The same regularisation (it costs time in training): timm's names for our rates.
+  dropout = getattr(model, "dropout_rate", 0.0)
+  rates = {"drop_path_rate": getattr(model, "drop_path_rate", 0.0)}
+  if family == "vit":
+    rates.update(proj_drop_rate=dropout, pos_drop_rate=dropout,
+                 attn_drop_rate=getattr(model, "attention_dropout_rate", 0.0))
+  elif family == "crossvit":
+    rates.update(drop_rate=dropout, attn_drop_rate=getattr(model, "attention_dropout_rate", 0.0))
   else:
-    if arch:
-      raise ValueError(f"--vs timm with --set {sorted(arch)} is supported for plain ViT models only "
-                       f"(timm's {family} models take no such overrides).")
-    name, extra = timm_model_name(args.model, hw)
-    kwargs.update(extra)
-  rates = {"drop_rate": getattr(model, "dropout_rate", 0.0), "drop_path_rate": getattr(model, "drop_path_rate", 0.0)}
-  if family in ("vit", "crossvit"):
-    rates["attn_drop_rate"] = getattr(model, "attention_dropout_rate", 0.0)
+    rates.update(drop_rate=dropout)
   kwargs.update({k: float(v) for k, v in rates.items() if v})
-  return {"timm_name": name, "kwargs": kwargs, "num_classes": model.num_classes, "batch": batch,
-          "image_size": list(hw), "dtype": args.dtype, "mode": args.mode, "steps": args.steps,
+  return {"model": args.model, "timm_name": name, "kwargs": kwargs, "num_classes": model.num_classes,
+          "batch": batch, "image_size": list(hw), "dtype": args.dtype, "mode": args.mode, "steps": args.steps,
           "warmup": args.warmup, "modes": args.timm_modes.split(","), "threads": args.threads or os.cpu_count(),
           "seed": args.seed}
 
 
 def run_timm_subprocess(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-  env["JAX_PLATFORMS"] = "cpu"  # the worker imports the package (hence JAX): keep JAX off the accelerator
-  cmd = [sys.executable, "-m", "vit_jax.bench", "--timm-worker", json.dumps(spec)]
-  log(f"[bench] timm worker: {spec['timm_name']} {spec['kwargs']} ({', '.join(spec['modes'])})")
+  # This file runs as a plain script (not `-m vit_jax.bench`), so the PyTorch process never
+  # imports the package and with it JAX; run_path leaves sys.path alone.
+  launcher = ("import runpy, sys; sys.argv = [sys.argv[1], '--timm-worker', sys.argv[2]]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+  cmd = [sys.executable, "-c", launcher, str(pathlib.Path(__file__).resolve()), json.dumps(spec)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  log(f"[bench] timm worker: {spec['timm_name'] or spec['model']} {spec['kwargs']} ({', '.join(spec['modes'])})")
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
   if proc.returncode != 0:
     raise RuntimeError(f"the timm worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -444,7 +451,6 @@ def timm_worker(spec: dict[str, Any]) -> dict[str, Any]:
   """Runs inside the subprocess: builds the timm model and times eager and torch.compile steps."""
   import torch
   timm = _import_timm()
-  import torch.nn.functional as F
 
   cuda = torch.cuda.is_available()
   device = torch.device("cuda" if cuda else "cpu")
@@ -467,58 +473,71 @@ def timm_worker(spec: dict[str, Any]) -> dict[str, Any]:
     if cuda:
       torch.cuda.synchronize()
 
+  name, kwargs = spec["timm_name"], dict(spec["kwargs"])
+  if name is None:
+    name, extra = timm_model_name(spec["model"], spec["image_size"], timm.is_model)
+    kwargs.update(extra)
   h, w = spec["image_size"]
   images = torch.randn(spec["batch"], 3, h, w, device=device)
   labels = torch.randint(0, spec["num_classes"], (spec["batch"],), device=device)
-  result = {"timm_name": spec["timm_name"], "timm_version": timm.__version__, "torch_version": torch.__version__,
-            "timm_device": torch.cuda.get_device_name() if cuda else "cpu",
+  result = {"timm_name": name, "timm_kwargs": kwargs, "timm_version": timm.__version__,
+            "torch_version": torch.__version__, "timm_device": torch.cuda.get_device_name() if cuda else "cpu",
             "timm_threads": torch.get_num_threads()}
   for variant in spec["modes"]:
-    model = timm.create_model(spec["timm_name"], pretrained=False, num_classes=spec["num_classes"],
-                              **spec["kwargs"]).to(device)
-    if spec["mode"] == "train":
-      model.train()
-      opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **({"fused": True} if cuda else {}))
-    else:
-      model.eval()
-    fn = torch.compile(model) if variant == "compile" else model
-
-    def step():
-      if spec["mode"] == "train":
-        with autocast():
-          loss = F.cross_entropy(fn(images).float(), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-      else:
-        with torch.inference_mode(), autocast():
-          fn(images)
-
-    if cuda:
-      torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    step()  # first call: torch.compile compiles here
-    sync()
-    first_s = time.perf_counter() - start
-    for _ in range(spec["warmup"]):
-      step()
-    sync()
-    times = []
-    for _ in range(spec["steps"]):
-      start = time.perf_counter()
-      step()
-      sync()
-      times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    result[f"timm_{variant}_step_ms"] = round(1e3 * median, 3)
-    result[f"timm_{variant}_img_per_sec"] = round(spec["batch"] / median, 3)
-    result[f"timm_{variant}_first_step_s"] = round(first_s, 3)
-    result[f"timm_{variant}_peak_memory_bytes"] = int(torch.cuda.max_memory_allocated()) if cuda else None
-    del model, fn
-    if spec["mode"] == "train":
-      del opt
+    try:
+      result.update(_time_timm_variant(timm, name, kwargs, variant, spec, images, labels, device, autocast, sync))
+    except Exception as e:  # noqa: BLE001  (e.g. torch.compile or out of memory: report, keep the rest)
+      result[f"timm_{variant}_error"] = f"{type(e).__name__}: {e}"[:1000]
     if cuda:
       torch.cuda.empty_cache()
+  return result
+
+
+def _time_timm_variant(timm, name, kwargs, variant, spec, images, labels, device, autocast, sync):
+  """Median step time of one timm variant ('eager' or 'compile') on fixed device inputs."""
+  import torch
+  import torch.nn.functional as F
+  cuda = device.type == "cuda"
+  result = {}
+  model = timm.create_model(name, pretrained=False, num_classes=spec["num_classes"], **kwargs).to(device)
+  if spec["mode"] == "train":
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **({"fused": True} if cuda else {}))
+  else:
+    model.eval()
+  fn = torch.compile(model) if variant == "compile" else model
+
+  def step():
+    if spec["mode"] == "train":
+      with autocast():
+        loss = F.cross_entropy(fn(images).float(), labels)
+      loss.backward()
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+    else:
+      with torch.inference_mode(), autocast():
+        fn(images)
+
+  if cuda:
+    torch.cuda.reset_peak_memory_stats()
+  start = time.perf_counter()
+  step()  # first call: torch.compile compiles here
+  sync()
+  first_s = time.perf_counter() - start
+  for _ in range(spec["warmup"]):
+    step()
+  sync()
+  times = []
+  for _ in range(spec["steps"]):
+    start = time.perf_counter()
+    step()
+    sync()
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  result[f"timm_{variant}_step_ms"] = round(1e3 * median, 3)
+  result[f"timm_{variant}_img_per_sec"] = round(spec["batch"] / median, 3)
+  result[f"timm_{variant}_first_step_s"] = round(first_s, 3)
+  result[f"timm_{variant}_peak_memory_bytes"] = int(torch.cuda.max_memory_allocated()) if cuda else None
   return result
 
 
@@ -527,12 +546,15 @@ def timm_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def bench_one(args: argparse.Namespace) -> dict[str, Any]:
   """One configuration: optional timm subprocess first, then the JAX measurement."""
-  import jax  # noqa: F401  (no backend is touched until device_info / the model runs)
+  import jax  # no backend is touched until device_info / the model runs
 
   model = build_model(args)
   flop_per_image, flop_note = analytic_flops(model, args.mode)
   timm_result = None
   if args.vs == "timm":
+    # A model that cannot run (e.g. a bad image size) fails here, not after the timm run.
+    h, w = image_hw(model)
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, h, w, 3)), train=False))
     # Before JAX claims the accelerator: the two frameworks never share device memory.
     timm_result = run_timm_subprocess(timm_spec(model, args, args.batch))
 

@@ -3,17 +3,21 @@
 Stream layout (training):
 
     epoch e = 0, 1, 2, ...   (flat_map over an endless range)
-      raw examples of this process's sub-split, fixed order (undecoded bytes)
-      -> shuffle(buffer, seed=f(seed, process, e))        # bounded buffer, reshuffled per epoch
-      -> enumerate -> position p in the epoch
+      position p = 0 .. n-1 in the epoch's order, over this process's sub-split:
+      * random-access sources (ArrayRecord builds such as imagenet21k, image folders):
+        example index_shuffle(p, seed=f(seed, process, e)), a full permutation per
+        epoch computed per index (nothing buffered);
+      * record streams (TFRecord TFDS builds): the split in file order through a
+        bounded shuffle buffer, seed f(seed, process, e).
     -> decode + crop + resize (parallel; per-example stateless seed f(seed, process, e, p))
     -> drop undecodable files (counted and logged)
     -> augment + normalise (parallel) -> batch(drop_remainder) -> prefetch
 
 The output after (e, p) depends only on (seed, e, p), so the iterator state is just
 the (epoch, position) of the next raw example: `set_state` rebuilds the stream from
-there (`skip` on undecoded records, cheap next to decoding) and yields exactly what
-the uninterrupted iterator would have yielded.  Batches run across epoch ends.
+there (random access: starts at p directly; streams: `skip` over undecoded records,
+cheap next to decoding) and yields exactly what the uninterrupted iterator would have
+yielded.  Batches run across epoch ends.
 
 Evaluation: one pass in fixed order, every example once; then padding examples
 (mask False, image 0, label 0) so that every process yields the same number of
@@ -27,6 +31,13 @@ import numpy as np
 import tensorflow as tf
 
 from vit_jax.data import preprocess, sources
+
+# tf.data runs on the host: keep TensorFlow off the accelerators JAX uses (a GPU build of
+# TensorFlow would otherwise reserve GPU memory).
+try:
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TensorFlow already initialised its devices; nothing to do then.
+  pass
 
 STATE_KEYS = ("epoch", "position", "batches")
 _NO_POSITION = -1  # `_position` of eval padding examples.
@@ -104,6 +115,10 @@ class DatasetIterator:
     self._state["batches"] += 1
     return batch
 
+  def reset(self):
+    """Back to the start (e.g. for the next evaluation pass)."""
+    self.set_state({**self._identity, "epoch": 0, "position": 0, "batches": 0})
+
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable position: pass to `set_state` of an identically built iterator."""
     return {**self._state, **self._identity}
@@ -151,7 +166,8 @@ def get_dataset(name: str, split: str, *, batch_size: int, image_size, train: bo
     flip: random horizontal flip in training (default True, False for digits).
     randaugment: None or (num_layers, magnitude), e.g. (2, 15).
     normalization: "minus_one_one" (official ViT weights) | "imagenet" (timm mean/std).
-    shuffle_buffer: undecoded examples held for shuffling (bounds host memory).
+    shuffle_buffer: undecoded examples held for shuffling record streams (bounds host
+      memory: ~110 kB each for ImageNet JPEGs); random-access sources need none.
     cache: keep the undecoded split in memory (only for small data sets).
     manual_dir: where manually downloaded archives are (imagenet21k, imagenet2012).
   Returns:
@@ -161,7 +177,7 @@ def get_dataset(name: str, split: str, *, batch_size: int, image_size, train: bo
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   process_index, process_count = _process(process_index, process_count)
   image_size = _pair(image_size)
-  defaults = {**RECIPE_DEFAULTS, **DATASET_DEFAULTS.get(name.split("/")[0], {})}
+  defaults = {**RECIPE_DEFAULTS, **DATASET_DEFAULTS.get(name.split("/")[0].split(":")[0], {})}
   crop = crop or (defaults["crop_train"] if train else defaults["crop_eval"])
   flip = defaults["flip"] if flip is None else flip
   preprocess.check_options(crop, normalization)
@@ -175,13 +191,16 @@ def get_dataset(name: str, split: str, *, batch_size: int, image_size, train: bo
   # Training drops the remainder so that every process has an equal share (and epochs in step).
   sub_split = source.process_split(split, process_index, process_count, drop_remainder=train)
   epoch_size = source.num_examples(sub_split)
-  if epoch_size == 0:
+  if epoch_size == 0 and train:
     raise ValueError(f"Process {process_index} of {process_count} gets no example of {name} {split!r} "
                      f"({source.num_examples(split)} examples); use fewer processes or a bigger split.")
   if train and epoch_size < batch_size:
     raise ValueError(f"batch_size={batch_size} exceeds the {epoch_size} examples of {name} {split!r} "
                      f"per process; use a smaller per-process batch.")
-  raw = source.raw(sub_split)
+  if epoch_size:
+    raw = source.raw(sub_split)
+  else:  # More evaluation processes than examples: this one yields padding only.
+    raw = tf.data.Dataset.from_tensors({"image": tf.constant(b""), "label": tf.constant(0, tf.int64)}).take(0)
   if cache:
     raw = raw.cache()
 
@@ -214,14 +233,27 @@ def get_dataset(name: str, split: str, *, batch_size: int, image_size, train: bo
 
   if train:
     buffer = max(1, min(shuffle_buffer, epoch_size))
+    # Random-access sources (ArrayRecord, image folders) shuffle the whole split each epoch;
+    # record streams (TFRecord) use the bounded shuffle buffer.  `cache` needs the stream.
+    random_access = getattr(source, "random_access", False) and not cache
 
     def build(state):
       start_epoch, start_position = state["epoch"], state["position"]
 
       def one_epoch(epoch):
-        ds = raw.shuffle(buffer, seed=process_seed * 100_003 + epoch, reshuffle_each_iteration=False)
-        ds = ds.enumerate().map(lambda p, ex: {**ex, "_epoch": epoch, "_position": p})
-        return ds.skip(tf.where(epoch == start_epoch, tf.constant(start_position, tf.int64), 0))
+        start = tf.where(epoch == start_epoch, tf.constant(start_position, tf.int64), 0)
+        if random_access:
+          # A full random permutation per epoch, computed per index (no buffer); resuming
+          # starts at `start` directly instead of reading past the skipped records.
+          positions = tf.data.Dataset.range(start, epoch_size)
+          permutation_seed = tf.stack([tf.constant(process_seed, tf.int64), epoch])
+          indices = positions.map(lambda p: tf.random.experimental.index_shuffle(
+              p, permutation_seed, tf.constant(epoch_size - 1, tf.int64)))
+          ds = tf.data.Dataset.zip(positions, source.read(sub_split, indices))
+        else:
+          ds = raw.shuffle(buffer, seed=process_seed * 100_003 + epoch, reshuffle_each_iteration=False)
+          ds = ds.enumerate().skip(start)
+        return ds.map(lambda p, ex: {**ex, "_epoch": epoch, "_position": p})
 
       ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(one_epoch)
       ds = ds.map(decode_example, num_parallel_calls=num_parallel_calls)

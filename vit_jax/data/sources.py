@@ -5,6 +5,7 @@ fixed order for one process's share of a split.  Decoding happens later, after t
 shuffle, so the shuffle buffer holds small encoded images (as the official ViT code).
 """
 import dataclasses
+import difflib
 import logging
 import os
 import pathlib
@@ -29,6 +30,17 @@ def known_datasets() -> list[str]:
   return sorted(set(tfds.list_builders(with_community_datasets=False))) + [FOLDER_PREFIX + "<path>"]
 
 
+def unknown_dataset_error(name: str) -> ValueError:
+  # The full list has ~450 TFDS names: show the close ones and where to find the rest.
+  known = known_datasets()
+  close = difflib.get_close_matches(name.split("/")[0], known, n=5, cutoff=0.6)
+  hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+  return ValueError(
+      f"Unknown data set {name!r}.{hint} Use a TFDS name (e.g. 'cifar10', 'imagenet2012'; all "
+      f"{len(known) - 1} in vit_jax.data.known_datasets()), 'digits', 'imagenet21k/fall11', "
+      f"'imagenet21k/winter21' or '{FOLDER_PREFIX}<root>' with <root>/<split>/<class>/<image>.jpg.")
+
+
 def even_slice(n: int, index: int, count: int, drop_remainder: bool) -> tuple[int, int]:
   """[start, stop) of process `index` of `count` (same rule as tfds.even_splits: 11/3 -> 4, 4, 3)."""
   if not 0 <= index < count:
@@ -48,8 +60,7 @@ class TfdsSource:
     _register_our_builders()
     base = name.split("/")[0].split(":")[0]
     if base not in tfds.list_builders(with_community_datasets=False):
-      from vit_jax.models.registry import unknown_name_error  # pylint: disable=g-import-not-at-top
-      raise unknown_name_error("data set", name, known_datasets())
+      raise unknown_dataset_error(name)
     self.name = name
     self.builder = tfds.builder(name, data_dir=data_dir)
     if download:
@@ -72,30 +83,32 @@ class TfdsSource:
     return tfds.split_for_jax_process(split, process_index=index, process_count=count,
                                       drop_remainder=drop_remainder)
 
+  @property
+  def random_access(self) -> bool:
+    return self.builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
   def raw(self, split) -> tf.data.Dataset:
-    if self.builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-      return self._raw_array_record(split)
+    if self.random_access:
+      return self.read(split, tf.data.Dataset.range(self.num_examples(split)))
     read_config = tfds.ReadConfig(try_autocache=False, skip_prefetch=True)
     ds = self.builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
                                  decoders={"image": tfds.decode.SkipDecoding()})
     return ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int64)})
 
 
-  def _raw_array_record(self, split, chunk: int = 256) -> tf.data.Dataset:
+  def read(self, split, indices: tf.data.Dataset, chunk: int = 256) -> tf.data.Dataset:
+    """Examples at `indices` (int64 data set) of an ArrayRecord split, in that order."""
     # TFDS 4.9 has no tf.data reader for ArrayRecord (`as_dataset` raises), so read the
-    # serialized records in chunks (one Python call per `chunk` records, the reads run in
+    # serialized records in chunks (one Python call per `chunk` records; the reads run in
     # array_record's C++ threads) and parse them with the data set's own feature spec.
     from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
-    instructions = self.builder.info.splits[split].file_instructions
-    reader = array_record_data_source.ArrayRecordDataSource(instructions)
-    size = len(reader)
+    reader = array_record_data_source.ArrayRecordDataSource(self.builder.info.splits[split].file_instructions)
 
-    def read(start):
-      keys = range(int(start), min(int(start) + chunk, size))
-      return np.array(reader.__getitems__(keys), dtype=object)
+    def read_chunk(keys):
+      return np.array(reader.__getitems__([int(k) for k in keys]), dtype=object)
 
-    records = tf.data.Dataset.range(0, size, chunk).map(
-        lambda start: tf.ensure_shape(tf.numpy_function(read, [start], tf.string, stateful=False), [None]))
+    records = indices.batch(chunk).map(
+        lambda keys: tf.ensure_shape(tf.numpy_function(read_chunk, [keys], tf.string, stateful=False), [None]))
     features = self.builder.info.features
     parse = lambda r: features.deserialize_example(r, decoders={"image": tfds.decode.SkipDecoding()})
     examples = records.unbatch().map(parse, num_parallel_calls=tf.data.AUTOTUNE)
@@ -157,11 +170,17 @@ class FolderSource:
     start, stop = even_slice(self.num_examples(split), index, count, drop_remainder)
     return _FolderSplit(split, start, stop)
 
+  random_access = True
+
   def raw(self, split) -> tf.data.Dataset:
+    return self.read(split, tf.data.Dataset.range(self.num_examples(split)))
+
+  def read(self, split, indices: tf.data.Dataset) -> tf.data.Dataset:
+    """Examples at `indices` (int64 data set), in that order."""
     paths, labels = self._files_of(split)
-    ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), tf.constant(labels, tf.int64)))
-    return ds.map(lambda path, label: {"image": tf.io.read_file(path), "label": label},
-                  num_parallel_calls=tf.data.AUTOTUNE)
+    paths, labels = tf.constant(paths, tf.string), tf.constant(labels, tf.int64)
+    return indices.map(lambda i: {"image": tf.io.read_file(paths[i]), "label": labels[i]},
+                       num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def get_source(name: str, data_dir: Optional[str] = None, **kwargs):

@@ -92,12 +92,15 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype,
-                             bias_init=nn.initializers.zeros)
+    def conv(features, kernel, stride, padding, out_axis, name):
+      return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                     dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=logical(CONV_INIT, (None, None, CONV_IN, out_axis)),
+                     bias_init=logical(nn.initializers.zeros, (out_axis,)), name=name)
+
     d, p = self.embed_dim, self.patch_size
     if not self.multi_conv:
-      x = conv(d, (p, p), strides=(p, p), padding="VALID",
-               kernel_init=logical(CONV_INIT, (None, None, CONV_IN, EMBED)), name="conv_0")(x)
+      x = conv(d, p, p, "VALID", EMBED, "conv_0")(x)
     else:
       if p not in (12, 16) or d % 4:
         raise ValueError(f"the 3-conv (dagger) patch embedding exists for patch sizes 12 and 16 "
@@ -107,9 +110,7 @@ class PatchEmbed(nn.Module):
       third = (3, 1, 1) if p == 12 else (3, 2, 1)
       specs = [(d // 4, 7, 4, 3), (d // 2, *second), (d, *third)]
       for i, (features, k, s, pad) in enumerate(specs):
-        names = (None, None, CONV_IN, EMBED if i == 2 else None)
-        x = conv(features, (k, k), strides=(s, s), padding=((pad, pad), (pad, pad)),
-                 kernel_init=logical(CONV_INIT, names), name=f"conv_{i}")(x)
+        x = conv(features, k, s, ((pad, pad), (pad, pad)), EMBED if i == 2 else None, f"conv_{i}")(x)
         if i < 2:
           x = nn.relu(x)
     b, h, w, c = x.shape
@@ -379,10 +380,10 @@ class CrossViT(nn.Module):
       raise ValueError(f"{self.model_name} expects images of shape [batch, {sizes[0][0]}, {sizes[0][1]}, 3] "
                        f"(NHWC), got {tuple(images.shape)}. Resize the input, or build the model with "
                        "image_size= its size (load_pretrained resizes the position embeddings).")
-    images = images.astype(self.dtype)
     xs = []
     for i in range(2):
-      x = bicubic_resize(images, sizes[i])
+      # Resize in float32 (the kernel weights would lose precision in bfloat16).
+      x = bicubic_resize(images.astype(jnp.float32), sizes[i]).astype(self.dtype)
       x = PatchEmbed(self.patch_sizes[i], self.embed_dims[i], self.multi_conv, dtype=self.dtype,
                      param_dtype=self.param_dtype, name=f"patch_embed_{i}")(x)
       d = self.embed_dims[i]

@@ -18,7 +18,6 @@ Variables: `params` and, for the BatchNorms, `batch_stats` (updated with
 """
 from __future__ import annotations
 
-import functools
 import itertools
 from typing import Any, Optional, Sequence
 
@@ -134,7 +133,7 @@ def _halve(n: int) -> int:
 
 
 def stage_sizes(size: int, num_stages: int) -> list[int]:
-  """Feature size (one axis) entering the stem's output and every stage: [stem, s1, s2, ...]."""
+  """Feature size (one axis) after the stem and after every stage: [stem, stage 1, stage 2, ...]."""
   sizes = [_halve(size)]
   for _ in range(num_stages):
     sizes.append(_halve(sizes[-1]))
@@ -148,9 +147,9 @@ def default_window(size: int) -> int:
 def _attention_sizes(size: int, num_stages: int, block_order: Sequence[str]) -> list[int]:
   """Feature sizes (one axis) at which a block or grid attention runs."""
   sizes = stage_sizes(size, num_stages)
-  attn_first = [name for name in block_order[:block_order.index("mbconv")]]
   # Attention placed before the MBConv of a stage's first block sees the previous resolution.
-  return sizes[1:] + (sizes[:-1] if attn_first else [])
+  attention_first = list(block_order).index("mbconv") > 0
+  return sizes[1:] + (sizes[:-1] if attention_first else [])
 
 
 def _fits(size: int, window: Optional[int], num_stages: int, block_order: Sequence[str]) -> bool:

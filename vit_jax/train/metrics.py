@@ -44,6 +44,7 @@ class Progress:
     self.total, self.batch, self.every = total_steps, global_batch, every_secs
     self.last_time, self.last_step = time.time(), start_step
     self.paused = 0.0
+    self.first = True
 
   def pause(self, seconds: float) -> None:
     """Time spent outside training (evaluation, checkpoint waits) does not count towards img/s."""
@@ -51,6 +52,13 @@ class Progress:
 
   def maybe_report(self, step: int, loss: float, lr: float, force: bool = False) -> None:
     now = time.time()
+    if self.first:  # the first step includes compilation: no meaningful speed yet
+      if jax.process_index() == 0:
+        print(f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.3g} | first step done "
+              f"(compilation included) in {now - self.last_time:.1f}s", flush=True)
+      self.first = False
+      self.last_time, self.last_step, self.paused = now, step, 0.0
+      return
     if not force and now - self.last_time < self.every:
       return
     elapsed = max(now - self.last_time - self.paused, 1e-9)

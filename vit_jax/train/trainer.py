@@ -310,7 +310,7 @@ def _train_and_evaluate(config, workdir: str, stop: _StopFlag, t_start: float) -
       is_last = step == config.total_steps
       ckpt_due = is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)
       eval_due = is_last or (config.eval_every and step % config.eval_every == 0)
-      log_due = is_last or step % log_every == 0 or ckpt_due or eval_due
+      log_due = is_last or step % log_every == 0 or ckpt_due or eval_due or step == start_step + 1
       preempted = stop.requested if jax.process_count() == 1 else (
           step % log_every == 0 and _any_process(stop.requested))
       preempted = preempted or checkpointer.reached_preemption(step)

@@ -199,6 +199,13 @@ def _resolve_model(model: str | nn.Module, num_classes, image_size, overrides) -
                             image_size=image_size, **overrides)
 
 
+def checkpoint_num_classes(flat: Flat, model_name: str) -> int | None:
+  """The class count of the checkpoint's head (None when its format cannot tell)."""
+  family = registry.model_family(model_name)
+  counts = [c.num_classes(flat) for c in converters(family) if c.num_classes and c.detect(flat)]
+  return next((n for n in counts if n), None)
+
+
 def load_pretrained(source, *, model: str | nn.Module, num_classes: int | None = None,
                     image_size=None, posemb_resize: str = "bilinear", **overrides) -> dict[str, Any]:
   """Variables for `model` from an official `.npz`, a timm/IBM state_dict or a TF checkpoint.
@@ -214,9 +221,7 @@ def load_pretrained(source, *, model: str | nn.Module, num_classes: int | None =
   """
   flat = read_source(source)
   if num_classes is None and not isinstance(model, nn.Module):
-    family = registry.model_family(model)
-    counts = [c.num_classes(flat) for c in converters(family) if c.num_classes and c.detect(flat)]
-    num_classes = next((n for n in counts if n), None)
+    num_classes = checkpoint_num_classes(flat, model)
   module = _resolve_model(model, num_classes, image_size, overrides)
   family = registry.model_family(module.model_name)
   candidates = converters(family)

@@ -137,6 +137,11 @@ def finalize(params: Flat, model, posemb_resize: str = "bilinear") -> Flat:
   """Official-layout (loop, linen names, no prefix) params -> flat 'params/...' variables for `model`."""
   params = {k: np.asarray(v) for k, v in params.items()}
   num_classes = model.num_classes
+  blocks = {int(m.group(1)) for m in map(_LOOP_BLOCK.match, params) if m}
+  if blocks and blocks != set(range(model.depth)):
+    raise core.CheckpointMismatchError(
+        f"the checkpoint has {len(blocks)} encoder blocks (encoderblock_{min(blocks)}..{max(blocks)}) but the model "
+        f"has depth={model.depth}; pass the checkpoint's depth (or the model name it was trained as).")
 
   # An unused representation layer is dropped; the head trained on top of it is meaningless then.
   reset_head = False
