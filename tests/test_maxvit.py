@@ -121,7 +121,7 @@ def test_relative_bias_lookup_is_key_minus_query():
 
 
 def test_relative_bias_resize_equals_tf_image_resize():
-  tf = pytest.importorskip("tensorflow")
+  import tensorflow as tf
   table = np.random.default_rng(1).normal(size=(3, 13, 13)).astype(np.float32)
   for window, size in [(12, 23), (16, 31), (4, 7)]:   # 224 -> 384, 224 -> 512, and a downsize
     ours = np.asarray(maxvit.resize_relative_bias(table, (window, window)))
@@ -157,7 +157,7 @@ def test_checkpoint_of_another_shape_is_reported(timm_state):
 
 
 def test_new_head_and_larger_window_load(timm_state, tiny_variables):
-  tf = pytest.importorskip("tensorflow")
+  import tensorflow as tf
   model = tiny_model(image_size=128, window_size=8, num_classes=3)
   variables = vit_jax.load_pretrained(timm_state, model=model)
   params = variables["params"]
@@ -223,7 +223,7 @@ def _timm_to_official_tf(state):
 
 
 def test_official_tf_checkpoint_loads_with_ema(timm_state, tiny_variables, reference, tmp_path):
-  tf = pytest.importorskip("tensorflow")
+  import tensorflow as tf
   official = _timm_to_official_tf(timm_state)
   rng = np.random.default_rng(0)
   tensors = {}

@@ -254,18 +254,22 @@ def make_infer_step(model):
   return jax.jit(lambda variables, images: model.apply(variables, images, train=False))
 
 
+def make_optimizer():
+  import optax
+  return optax.adamw(1e-4, weight_decay=0.05)
+
+
 def init_state(model, mode: str, seed: int):
   """Variables (infer) or {step, params, opt_state, batch_stats, rng} (train), created on the device."""
   import jax
   import jax.numpy as jnp
-  import optax
 
   h, w = image_hw(model)
   key = jax.random.key(seed)
   variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, h, w, 3), jnp.float32), train=False))(key)
   if mode == "infer":
     return variables, None
-  tx = optax.adamw(1e-4, weight_decay=0.05)
+  tx = make_optimizer()
   params = variables["params"]
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
            "batch_stats": variables.get("batch_stats", {}), "rng": jax.random.key_data(jax.random.key(seed + 1))}
@@ -723,7 +727,9 @@ def markdown_table(paths: list[str]) -> str:
       return f"{100 * value:.1f}%"
     if key == "remat":
       return "yes" if value else ""
-    return f"{value:,.1f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+      return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
 
   header = "| " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
   lines = [header, "|" + "---|" * len(TABLE_COLUMNS)]

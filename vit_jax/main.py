@@ -67,6 +67,9 @@ def print_predictions(workdir: str, config, count: int) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config, --workdir, --config.KEY=VALUE.")
+  if not FLAGS["verbosity"].present:
+    # Our progress lines say what happens; library INFO logs (Orbax, clu) only with --verbosity=0.
+    logging.set_verbosity(logging.WARNING)
   initialize_distributed()
   import jax
   from vit_jax.train import trainer
@@ -89,7 +92,7 @@ def run():
   except (ValueError, TypeError, FileNotFoundError, ConfigMismatchError, FloatingPointError) as e:
     if os.environ.get("VIT_JAX_TRACEBACK"):
       raise
-    print(f"ERROR: {e}", file=sys.stderr, flush=True)
+    print(f"ERROR: {e}\n(set VIT_JAX_TRACEBACK=1 for the full traceback)", file=sys.stderr, flush=True)
     sys.exit(1)
 
 

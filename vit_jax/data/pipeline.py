@@ -9,9 +9,9 @@ Stream layout (training):
         epoch computed per index (nothing buffered);
       * record streams (TFRecord TFDS builds): the split in file order through a
         bounded shuffle buffer, seed f(seed, process, e).
-    -> decode + crop + resize (parallel; per-example stateless seed f(seed, process, e, p))
-    -> drop undecodable files (counted and logged)
-    -> augment + normalise (parallel) -> batch(drop_remainder) -> prefetch
+    -> decode + crop + resize + augment + normalise (parallel map; per-example
+       stateless seed f(seed, process, e, p))
+    -> drop undecodable files (counted and logged) -> batch(drop_remainder) -> prefetch
 
 The output after (e, p) depends only on (seed, e, p), so the iterator state is just
 the (epoch, position) of the next raw example: `set_state` rebuilds the stream from
@@ -138,8 +138,9 @@ class DatasetIterator:
 
 
 def _drop_undecodable(ds: tf.data.Dataset) -> tf.data.Dataset:
-  # Errors can only come from decoding (the map before this): corrupt or truncated files.
-  # They are dropped here and counted by DatasetIterator from the gaps in `_position`.
+  # Errors can only come from decoding in the map before this (the other ops cannot fail
+  # on an image): corrupt or truncated files, or unreadable ones.  They are dropped here
+  # and counted by DatasetIterator from the gaps in `_position`.
   return ds.ignore_errors(log_warning=False)
 
 
@@ -214,14 +215,12 @@ def get_dataset(name: str, split: str, *, batch_size: int, image_size, train: bo
   def example_seed(epoch, position):
     return tf.stack([tf.constant(process_seed, tf.int64), epoch * (2**32) + position])
 
-  def decode_example(ex):
+  def preprocess_example(ex):
+    # One map for decode and augmentation: one parallel stage, no hand-over between two.
     seed_ = example_seed(ex["_epoch"], ex["_position"])
-    return {**ex, "image": decode(ex["image"], seed_)}
-
-  def augment_example(ex):
-    seed_ = example_seed(ex["_epoch"], ex["_position"])
-    return {"image": augment(ex["image"], seed_), "label": tf.cast(ex["label"], tf.int32),
-            "mask": tf.constant(True), "_epoch": ex["_epoch"], "_position": ex["_position"]}
+    image = augment(decode(ex["image"], seed_), seed_)
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True),
+            "_epoch": ex["_epoch"], "_position": ex["_position"]}
 
   options = tf.data.Options()
   options.deterministic = True  # Resume relies on a fixed order.
@@ -256,9 +255,7 @@ def get_dataset(name: str, split: str, *, batch_size: int, image_size, train: bo
         return ds.map(lambda p, ex: {**ex, "_epoch": epoch, "_position": p})
 
       ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(one_epoch)
-      ds = ds.map(decode_example, num_parallel_calls=num_parallel_calls)
-      ds = _drop_undecodable(ds)
-      ds = ds.map(augment_example, num_parallel_calls=num_parallel_calls)
+      ds = _drop_undecodable(ds.map(preprocess_example, num_parallel_calls=num_parallel_calls))
       ds = ds.batch(batch_size, drop_remainder=True)
       return ds.prefetch(prefetch).with_options(options)
 
@@ -275,9 +272,7 @@ def get_dataset(name: str, split: str, *, batch_size: int, image_size, train: bo
   def build(state):
     ds = raw.enumerate().map(lambda p, ex: {**ex, "_epoch": tf.constant(0, tf.int64), "_position": p})
     ds = ds.skip(state["position"])
-    ds = ds.map(decode_example, num_parallel_calls=num_parallel_calls)
-    ds = _drop_undecodable(ds)
-    ds = ds.map(augment_example, num_parallel_calls=num_parallel_calls)
+    ds = _drop_undecodable(ds.map(preprocess_example, num_parallel_calls=num_parallel_calls))
     remaining = max(0, num_batches - state["batches"])
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
     ds = ds.take(remaining * batch_size).batch(batch_size, drop_remainder=True)

@@ -65,7 +65,15 @@ class TfdsSource:
     self.builder = tfds.builder(name, data_dir=data_dir)
     if download:
       config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-      self.builder.download_and_prepare(download_config=config)
+      try:
+        self.builder.download_and_prepare(download_config=config)
+      except Exception:  # pylint: disable=broad-except
+        # Several processes preparing the same data set (e.g. `digits` on first use): the
+        # one that loses the final rename fails although the data set is now there.
+        rebuilt = tfds.builder(name, data_dir=data_dir)
+        if not rebuilt.is_prepared():
+          raise
+        self.builder = rebuilt
 
   @property
   def num_classes(self) -> int:
