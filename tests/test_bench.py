@@ -80,6 +80,18 @@ def test_train_step_carries_batch_stats():
   assert loss.shape == ()
 
 
+def test_library_train_step_lowers_with_bench_inputs():
+  # --train-step library runs the training code's own step (vit_jax.train.step); tracing only here.
+  import jax
+  import jax.numpy as jnp
+  model = bench.build_model(bench.parse_args(TINY_VIT + ["--dtype", "float32"]))
+  state, step = bench.library_train_step(model, 0, abstract=True)
+  batch = {"image": jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
+           "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
+  _, metrics = step.lower(state, batch).out_info
+  assert metrics["train_loss"].shape == ()
+
+
 def test_timm_spec_matches_the_architecture():
   args = bench.parse_args(TINY_VIT + ["--set", "classifier=gap", "--set", "drop_path_rate=0.1"])
   spec = bench.timm_spec(bench.build_model(args), args, 4)

@@ -243,9 +243,23 @@ def tiny_fusion_model(fusion, **overrides):
                            num_multiscale_blocks=1, large_depth=1, fusion=fusion, **overrides)
 
 
-@pytest.mark.parametrize("fusion", crossvit.FUSIONS)
-def test_fusion_modes_in_train_mode(fusion):
-  """Every fusion runs with dropout and drop-path active, and its parameters matter."""
+def test_train_mode_runs_and_differs_from_eval():
+  model, variables, arrays = loaded("plain")
+  model = model.clone(dropout_rate=0.1, attention_dropout_rate=0.1, drop_path_rate=0.2)
+  train = jax.jit(lambda v, rng: model.apply(v, arrays["images"], train=True, rngs={"dropout": rng}))
+  logits_a = np.asarray(train(variables, jax.random.key(0)))
+  logits_b = np.asarray(train(variables, jax.random.key(1)))
+  evaluated = arrays["logits"]    # eval logits of these weights (timm; see test_logits_match_timm)
+  assert logits_a.shape == evaluated.shape and np.isfinite(logits_a).all()
+  assert np.abs(logits_a - evaluated).max() > 1e-3
+  assert np.abs(logits_a - logits_b).max() > 1e-3
+
+
+# "none" is traced by test_fusion_ablation_parameter_counts; cross_attention is the
+# fusion of the parity, gradient and train-mode tests above.
+@pytest.mark.parametrize("fusion", ("all_attention", "class_token", "pairwise"))
+def test_heuristic_fusions_in_train_mode(fusion):
+  """Each ablation fusion runs with dropout and drop-path active, and its parameters matter."""
   model = tiny_fusion_model(fusion, dropout_rate=0.1, attention_dropout_rate=0.1, drop_path_rate=0.3)
   images = np.random.default_rng(0).standard_normal((2, 36, 36, 3)).astype(np.float32)
   variables = random_variables(model)
@@ -254,15 +268,10 @@ def test_fusion_modes_in_train_mode(fusion):
   logits_b = np.asarray(train(variables, jax.random.key(1)))
   assert logits_a.shape == (2, 3) and np.isfinite(logits_a).all()
   assert np.abs(logits_a - logits_b).max() > 1e-4          # dropout / drop-path are active
-  # The fusion's own parameters exist exactly when there is a fusion, and changing them
-  # changes the output (same random draws: same rng key).
+  # Changing only the fusion's own parameters changes the output (same rng key).
   flat = core.flatten(variables)
-  fusion_keys = [k for k in flat if any(part.startswith(("proj_", "revert_proj_", "fusion_", "all_attention"))
+  fusion_keys = [k for k in flat if any(part.startswith(("proj_", "revert_proj_", "all_attention"))
                                          for part in k.split("/"))]
-  assert (fusion == "none") == (not fusion_keys)
-  if fusion_keys:
-    perturbed = core.unflatten({k: v * 1.5 if k in fusion_keys else v for k, v in flat.items()})
-    assert np.abs(np.asarray(train(perturbed, jax.random.key(0))) - logits_a).max() > 1e-4
-  if fusion == "cross_attention":
-    evaluated = np.asarray(jax.jit(lambda v: model.apply(v, images, train=False))(variables))
-    assert np.isfinite(evaluated).all() and np.abs(logits_a - evaluated).max() > 1e-4
+  assert fusion_keys
+  perturbed = core.unflatten({k: v * 1.5 if k in fusion_keys else v for k, v in flat.items()})
+  assert np.abs(np.asarray(train(perturbed, jax.random.key(0))) - logits_a).max() > 1e-4

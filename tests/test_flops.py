@@ -111,6 +111,7 @@ def test_jaxpr_counter_on_hand_counted_function():
 def test_peak_table():
   assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
   assert flops.peak_tflops("NVIDIA H100 PCIe") == 756.5
+  assert flops.peak_tflops("NVIDIA H100 NVL") == 835.5
   assert flops.peak_tflops("NVIDIA H200") == 989.4
   assert flops.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
   assert flops.peak_tflops("TPU v4") == 275.0

@@ -41,21 +41,22 @@ def random_head(variables, seed=1):
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
 def test_parameter_count_matches_official(name):
+  # Counted on the scan layout (traces one block: fast); the loop layout is counted for B/16 below.
   assert vit_jax.list_models("vit").count(name) == 1
-  assert count(vit_jax.get_model(name)) == PAPER_PARAMS[name]
+  assert count(vit_jax.get_model(name, scan=True)) == PAPER_PARAMS[name]
 
 
-@pytest.mark.parametrize("name", ["ViT-B_16", "R50+ViT-B_16"])
-def test_scan_layout_has_same_count_and_a_layers_axis(name):
-  model = vit_jax.get_model(name, scan=True)
-  shapes = core.abstract_variables(model)
-  assert count(model) == PAPER_PARAMS[name]
-  assert shapes["params/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"].shape == (12, 768, 12, 64)
+def test_scan_layout_has_a_layers_axis():
+  shapes = core.abstract_variables(vit_jax.get_model("ViT-B_16", scan=True))
+  query = shapes["params/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"]
+  assert query.shape == (12, 768, 12, 64)
   assert not any("encoderblock_" in k for k in shapes)
 
 
 def test_official_names_and_shapes_of_vit_b16():
-  shapes = {k: v.shape for k, v in core.abstract_variables(vit_jax.get_model("ViT-B_16")).items()}
+  model = vit_jax.get_model("ViT-B_16")
+  assert count(model) == PAPER_PARAMS["ViT-B_16"]
+  shapes = {k: v.shape for k, v in core.abstract_variables(model).items()}
   assert shapes["params/cls"] == (1, 1, 768)
   assert shapes["params/embedding/kernel"] == (16, 16, 3, 768)
   assert shapes["params/Transformer/posembed_input/pos_embedding"] == (1, 197, 768)

@@ -3,6 +3,7 @@
   python -m vit_jax.bench --model ViT-B_16 --mode train --batch 256 [--image-size 224]
       [--dtype bfloat16|float32] [--attention xla|cudnn] [--remat] [--scan] [--steps 20]
       [--vs timm] [--peak-tflops 989.4] [--set hidden_size=32 ...] [--out results.jsonl]
+      [--train-step bench|library]
   python -m vit_jax.bench --sweep benchmarks/sweep.jsonl --vs timm --out benchmarks/results/h100.jsonl
   python -m vit_jax.bench --model ViT-L_16 --mode train --find-max-batch [--remat]
   python -m vit_jax.bench --table benchmarks/results/cpu.jsonl      # markdown table of a results file
@@ -104,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--attention", choices=("xla", "cudnn"), default="xla")
   p.add_argument("--remat", action="store_true", help="rematerialise the blocks in the backward pass")
   p.add_argument("--scan", action="store_true", help="nn.scan over the encoder blocks (ViT)")
+  p.add_argument("--train-step", choices=("bench", "library"), default="bench",
+                 help="bench: the tool's own minimal step; library: vit_jax.train.step (one-device mesh)")
   p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -276,6 +279,25 @@ def init_state(model, mode: str, seed: int):
   return state, tx
 
 
+def library_train_step(model, seed: int, abstract: bool = False):
+  """The training code's own sharded step (`vit_jax.train`) on a one-device mesh: (state, step).
+
+  `abstract=True` returns the state as ShapeDtypeStructs (nothing is allocated or compiled).
+  """
+  import jax
+  import optax
+  from vit_jax.train import sharding as shd
+  from vit_jax.train import state as state_lib
+  from vit_jax.train import step as step_lib
+
+  mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  tx = make_optimizer()
+  abstract_state, shardings = state_lib.state_shardings(model, tx, mesh)
+  state = abstract_state if abstract else state_lib.create_train_state(model, tx, mesh, seed)
+  step = step_lib.make_train_step(model, tx, optax.constant_schedule(1e-4), mesh, shardings)
+  return state, step
+
+
 def is_oom(error: BaseException) -> bool:
   text = str(error)
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
@@ -291,8 +313,18 @@ def run_jax(model, args: argparse.Namespace, batch: int) -> dict[str, Any]:
   images = jax.random.normal(data_key, (batch, h, w, 3), jnp.float32)
   labels = jax.random.randint(jax.random.fold_in(data_key, 1), (batch,), 0, model.num_classes)
 
-  state, tx = init_state(model, args.mode, args.seed)
-  if args.mode == "train":
+  if args.mode == "train" and args.train_step == "library":
+    state, train_step = library_train_step(model, args.seed)
+    batch_dict = {"image": images, "label": labels}
+    start = time.perf_counter()
+    compiled = train_step.lower(state, batch_dict).compile()
+    compile_s = time.perf_counter() - start
+
+    def run_once(s):
+      s, metrics = compiled(s, batch_dict)
+      return s, (s, metrics["train_loss"])
+  elif args.mode == "train":
+    state, tx = init_state(model, args.mode, args.seed)
     train_step = make_train_step(model, tx, bool(jax.tree.leaves(state["batch_stats"])))
     start = time.perf_counter()
     compiled = train_step.lower(state, images, labels).compile()
@@ -302,6 +334,7 @@ def run_jax(model, args: argparse.Namespace, batch: int) -> dict[str, Any]:
       s, loss = compiled(s, images, labels)
       return s, (s, loss)
   else:
+    state, _ = init_state(model, args.mode, args.seed)
     infer_step = make_infer_step(model)
     start = time.perf_counter()
     compiled = infer_step.lower(state, images).compile()
@@ -569,7 +602,7 @@ def bench_one(args: argparse.Namespace) -> dict[str, Any]:
   record: dict[str, Any] = {
       "model": args.model, "mode": args.mode, "batch": args.batch, "image_size": list(image_hw(model)),
       "dtype": args.dtype, "attention": args.attention, "remat": args.remat, "scan": args.scan,
-      "overrides": parse_overrides(args.overrides) or None, "steps": args.steps, **info,
+      "train_step": args.train_step if args.mode == "train" else None, "overrides": parse_overrides(args.overrides) or None, "steps": args.steps, **info,
       "threads": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), **measured,
       "gflops_per_image": None if flop_per_image is None else round(flop_per_image / 1e9, 4),
       "tflops_per_sec": None, "peak_tflops": peak, "mfu": None,

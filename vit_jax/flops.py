@@ -11,9 +11,10 @@ that: it also counts element-wise work, and it under-counts under `remat`/`scan`
 The MACs equal what papers and timm (`infer_gmacs`) call "GFLOPs" (ViT-B/16 at
 224 px: 17.58 G).  Norms, softmax, activations, pooling and the relative
 position-bias lookups are not counted (they are not matmuls, or they do not
-scale with the batch).  CrossViT's in-model bicubic resize of branch 1 is a
-pair of small matmuls in our implementation; it is reported as a separate term
-(`resize`) and left out of the model total, as in the paper.
+scale with the batch).  CrossViT's in-model bicubic resize of branch 1 (and the
+grid resampling of its `pairwise` fusion ablation) are small matmuls in our
+implementation; they are reported as a separate term (`resize`) and left out
+of the model total, as in the paper.
 
 `jaxpr_macs` counts the same quantity independently by walking the jaxpr of
 any function (scan bodies multiplied by their length); the tests use it to pin
@@ -22,12 +23,13 @@ the formulas to what the models really compute.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 # Peak dense bf16 throughput per chip, TFLOP/s (vendor data sheets; see
 # benchmarks/README.md).  Matched against `device.device_kind`, first hit wins.
 PEAK_TFLOPS = (
     ("H100 PCIe", 756.5),
+    ("H100 NVL", 835.5),  # 1,671 with 2:4 sparsity
     ("H100", 989.4),   # SXM5 / HBM3
     ("H200", 989.4),   # same compute as H100 SXM, more memory
     ("GH200", 989.4),
@@ -268,13 +270,6 @@ def maxvit_macs(*, image_size, stem_width: int | Sequence[int], embed_dims: Sequ
 # ------------------------------------------------------------------------------ model dispatch
 
 
-def _field(model, *names, default=None):
-  for name in names:
-    if hasattr(model, name):
-      return getattr(model, name)
-  return default
-
-
 def _family(model) -> str:
   from vit_jax.models import registry
   name = getattr(model, "model_name", None)
@@ -318,25 +313,13 @@ def train_flops(model) -> int:
 def _vit_terms(model) -> dict[str, int]:
   resnet = getattr(model, "resnet", None)
   layers, width = None, 1.0
-  if resnet is not None:
-    layers, width = _resnet_config(resnet)
+  if resnet is not None:  # (stage depths, width factor), as vit.check_resnet
+    layers, width = tuple(resnet[0]), float(resnet[1])
   return vit_macs(image_size=model.image_size, patch_size=model.patch_size, hidden_size=model.hidden_size,
                   depth=model.depth, mlp_dim=model.mlp_dim, num_classes=model.num_classes,
                   classifier=getattr(model, "classifier", "token"),
                   representation_size=getattr(model, "representation_size", None),
                   resnet_layers=layers, resnet_width=width)
-
-
-def _resnet_config(resnet: Any) -> tuple[tuple[int, ...], float]:
-  """(stage depths, width factor) from the hybrid field, whatever its representation."""
-  if isinstance(resnet, dict):
-    return tuple(resnet.get("num_layers", ())), float(resnet.get("width_factor", 1))
-  for layers_name in ("num_layers", "layers", "stage_depths"):
-    if hasattr(resnet, layers_name):
-      return tuple(getattr(resnet, layers_name)), float(getattr(resnet, "width_factor", 1))
-  # A (num_layers, width_factor) pair.
-  layers, width = resnet
-  return tuple(layers), float(width)
 
 
 def _crossvit_terms(model) -> dict[str, int]:

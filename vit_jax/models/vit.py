@@ -187,9 +187,8 @@ class Encoder1DBlock(nn.Module):
 
 def remat_policy_fn(name: str):
   """The `jax.checkpoint_policies` entry called `name` (a clear error for a wrong name)."""
-  valid = sorted(n for n in dir(jax.checkpoint_policies)
-                 if not n.startswith("_") and (n.endswith("saveable") or n.startswith("everything")
-                                               or n.startswith("nothing")))
+  # Entries named save_* / offload_* are policy factories (they need names/offload targets), not policies.
+  valid = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith(("_", "save_", "offload_")))
   if name not in valid:
     raise ValueError(f"remat_policy {name!r} is not a jax.checkpoint_policies entry; valid: {', '.join(valid)}.")
   return getattr(jax.checkpoint_policies, name)
