@@ -18,7 +18,7 @@ def get_config():
   # ViT with 2x2 patches on the 8x8 images: 16 patch tokens + the class token.
   c.model = ml_collections.ConfigDict(dict(
       name="ViT-Ti_16", patch_size=2, hidden_size=64, depth=2, mlp_dim=128, num_heads=4,
-      dropout_rate=0.0, drop_path_rate=0.0))
+      dropout_rate=0.1, drop_path_rate=0.0))
   c.dataset = "digits"
   c.train_split, c.eval_split = "train", "test"
   c.image_size = 8
@@ -28,17 +28,18 @@ def get_config():
 
   c.batch_size = 128
   c.eval_batch_size = 128
-  c.total_steps = 1500
+  c.total_steps = 1000
   c.optimizer = "adamw"
   c.lr = 2e-3
-  c.weight_decay = 1e-4
+  c.weight_decay = 0.05
   c.warmup_steps = 100
   c.decay_type = "cosine"
   c.grad_clip_norm = 1.0
-  c.label_smoothing = 0.0
+  # 1,438 training images: without regularisation the model memorises them (train loss ~1e-4).
+  c.label_smoothing = 0.1
 
   c.checkpoint_every = 500
-  c.eval_every = 500
+  c.eval_every = 250
   c.log_every = 50
   c.num_predictions = 8
   return c

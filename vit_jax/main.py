@@ -54,9 +54,12 @@ def print_predictions(workdir: str, config, count: int) -> None:
   from vit_jax.train import trainer
 
   model, variables, saved = vit_jax.restore(workdir)
+  if "cache" in saved.get("input_eval", {}):
+    saved.input_eval.cache = False  # one batch is read; a cache would be left half-filled
   batch = next(iter(trainer.eval_iterator(saved, saved.num_classes)))
   images, labels = batch["image"][:count], batch["label"][:count]
-  probs = np.asarray(jax.nn.softmax(model.apply(variables, images, train=False), -1))
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  probs = np.asarray(jax.nn.softmax(logits, -1))
   print(f"Predictions of the restored checkpoint ({saved.model.name}, {saved.dataset}/{saved.eval_split}):")
   for i, (p, y) in enumerate(zip(probs, labels)):
     guess = int(np.argmax(p))

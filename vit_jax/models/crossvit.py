@@ -22,8 +22,7 @@ paper's 24.2M parameters for class-token and pairwise fusion on CrossViT-S).
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax

@@ -97,6 +97,7 @@ def validate(config, num_devices: int | None = None) -> jax.sharding.Mesh:
     raise ValueError(f"unknown decay_type {config.decay_type!r}; choose one of {optim.DECAY_TYPES}.")
   if config.total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {config.total_steps}.")
+  optim.make_optimizer(config)  # schedule and optimiser options
   devices = jax.devices() if num_devices is None else jax.devices()[:num_devices]
   mesh = shd.make_mesh(config.mesh.to_dict(), devices)
   dp = shd.data_parallel_size(mesh)
