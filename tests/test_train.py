@@ -199,3 +199,52 @@ def test_bad_input_fails_at_start_before_compiling(tmp_path, change, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):
     trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert counter.count == 0
+
+
+def test_pretrained_weights_start_the_run(tmp_path):
+  """config.pretrained: an .npz of another class count and resolution loads with a zero head and a
+  resized position embedding, directly into the sharded state."""
+  from vit_jax.weights.core import flatten
+  source = load_config()
+  source.num_classes, source.image_size = 5, 8
+  variables = initial_variables(source)
+  path = tmp_path / "tiny.npz"
+  np.savez(path, **{k: np.asarray(v) for k, v in flatten(variables["params"]).items()})
+
+  config = load_config()
+  config.image_size, config.pretrained = 16, str(path)  # 4x4 -> 8x8 patch grid, 5 -> 10 classes
+  mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  trainer.validate(config)
+  model = trainer.build_model(config)
+  tx, _ = optim.make_optimizer(config)
+  state = trainer.initial_state(config, model, tx, mesh)
+  params = state.params
+  assert params["head"]["kernel"].shape == (32, 10) and not np.any(np.asarray(params["head"]["kernel"]))
+  assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 1 + 8 * 8, 32)
+  np.testing.assert_array_equal(  # class-token row kept as is
+      np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])[0, 0],
+      variables["params"]["Transformer"]["posembed_input"]["pos_embedding"][0, 0])
+  kernel = params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert kernel.sharding.spec == P("fsdp", None)
+  np.testing.assert_array_equal(np.asarray(kernel),
+                                variables["params"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"])
+
+
+def test_scan_and_batchnorm_models_get_shardings():
+  """Scanned layers (leading 'layers' axis, replicated) and MaxViT's batch_stats are part of the state."""
+  mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  config = load_config()
+  config.model.scan, config.model.depth, config.model.num_heads = True, 2, 4
+  model = trainer.build_model(config)
+  tx, _ = optim.make_optimizer(config)
+  abstract, shardings = state_lib.state_shardings(model, tx, mesh)
+  kernel = shardings.params["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert abstract.params["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"].shape == (2, 32, 64)
+  assert kernel.spec == P(None, "fsdp", "tensor")
+
+  from vit_jax.models import registry
+  maxvit = registry.get_model("MaxViT-T", num_classes=10, image_size=64)
+  abstract, shardings = state_lib.state_shardings(maxvit, tx, mesh)
+  stats = jax.tree.leaves(abstract.batch_stats)
+  assert stats and all(x.dtype == jnp.float32 for x in stats)
+  assert jax.tree.structure(shardings.batch_stats) == jax.tree.structure(abstract.batch_stats)

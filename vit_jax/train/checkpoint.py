@@ -206,7 +206,7 @@ def restore(workdir: str, step: int | None = None):
     raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {directory}/<step>/); "
                             "train with `python -m vit_jax.main --workdir ...` first.")
   manager = ocp.CheckpointManager(directory, item_names=ITEMS,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+                                  options=ocp.CheckpointManagerOptions(create=False))
   steps = sorted(manager.all_steps())
   if not steps:
     raise FileNotFoundError(f"{directory} holds no finished checkpoint.")

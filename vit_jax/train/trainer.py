@@ -172,6 +172,17 @@ def evaluate(eval_step, state, config, num_classes: int, mesh) -> dict[str, floa
   return result
 
 
+def initial_state(config, model, tx, mesh) -> state_lib.TrainState:
+  """A fresh sharded TrainState: random, or from `config.pretrained` (zero-initialised head when the
+  class count differs, position embeddings resized to config.image_size: vit_jax.load_pretrained)."""
+  variables = None
+  if config.get("pretrained"):
+    import vit_jax
+    variables = vit_jax.load_pretrained(config.pretrained, model=config.model.name, num_classes=model.num_classes,
+                                        image_size=config.image_size, **model_overrides(config))
+  return state_lib.create_train_state(model, tx, mesh, config.seed, variables)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 class _StopFlag:
@@ -253,12 +264,7 @@ def _train_and_evaluate(config, workdir: str, stop: _StopFlag, t_start: float) -
     if is_main:
       print(f"Resumed from the checkpoint at step {start_step} in {checkpointer.directory}.", flush=True)
   else:
-    variables = None
-    if config.get("pretrained"):
-      import vit_jax
-      variables = vit_jax.load_pretrained(config.pretrained, model=config.model.name, num_classes=num_classes,
-                                          image_size=config.image_size, **model_overrides(config))
-    state = state_lib.create_train_state(model, tx, mesh, config.seed, variables)
+    state = initial_state(config, model, tx, mesh)
     start_step = 0
 
   train_step = step_lib.make_train_step(
