@@ -19,6 +19,7 @@ setup(
         "chex",
         "absl-py",
         "clu",            # metric writers (TensorBoard + logging), periodic actions
+        "tensorboard",    # clu's TensorBoard writer imports it
         "einops",
         "numpy",
         "scipy",

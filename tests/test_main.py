@@ -48,7 +48,7 @@ def committed_steps(workdir):
 
 def test_resume_after_sigterm_and_sigkill_gives_the_same_losses(tmp_path):
   """Preempt (SIGTERM), restart, kill (SIGKILL) after a checkpoint, restart: the same per-step losses."""
-  total = 80
+  total = 40
   digits = "configs/testing.py:dataset=digits"
   flags = [f"--config.data_dir={tmp_path / 'tfds'}", f"--config.total_steps={total}", "--config.checkpoint_every=10",
            "--config.eval_every=0", "--config.mesh.data=2", "--config.mesh.fsdp=2"]
@@ -117,16 +117,19 @@ def test_two_processes_equal_one(tmp_path):
   steps = 6
   config = load_config()
   config.total_steps, config.mesh.data, config.eval_every, config.checkpoint_every = steps, 4, steps, steps
+  config.eval_batch_size = 48  # 256 eval examples: the 6th batch is padded (masked) on both processes
   one = trainer.train_and_evaluate(config, str(tmp_path / "one"))
   one_losses = losses_by_step(read_metrics(tmp_path / "one"))
 
   cmd = ["bash", "launch/local.sh", "2", "--devices-per-process", "2", "--",
          "--config=configs/testing.py", f"--workdir={tmp_path / 'two'}", f"--config.total_steps={steps}",
-         f"--config.eval_every={steps}", f"--config.checkpoint_every={steps}"]
+         f"--config.eval_every={steps}", f"--config.checkpoint_every={steps}", "--config.eval_batch_size=48"]
   env = dict(os.environ, PYTHON=sys.executable)
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
   assert "2 process(es)" in result.stdout and "mesh data=4 x fsdp=1 x tensor=1 (4 devices)" in result.stdout
+  assert f"eval at step {steps}: top-1" in result.stdout and "over 256 examples" in result.stdout
+  assert one["eval_examples"] == 256
   lines = read_metrics(tmp_path / "two")  # written by process 0 only: one line per logged step
   two_losses = losses_by_step(lines)
   assert len([r for r in lines if "train_loss" in r]) == steps

@@ -248,3 +248,30 @@ def test_scan_and_batchnorm_models_get_shardings():
   stats = jax.tree.leaves(abstract.batch_stats)
   assert stats and all(x.dtype == jnp.float32 for x in stats)
   assert jax.tree.structure(shardings.batch_stats) == jax.tree.structure(abstract.batch_stats)
+
+
+@pytest.mark.parametrize("name, arg", [
+    ("digits", None), ("vit_finetune", "model=ViT-B_16,dataset=cifar10"),
+    ("vit_finetune", "model=ViT-L_16,dataset=imagenet2012"), ("vit_pretrain", "recipe=i21k,model=ViT-B_16"),
+    ("vit_pretrain", "recipe=augreg_i1k,model=ViT-S_16,aug=medium2"), ("crossvit", "model=CrossViT-15"),
+    ("maxvit", "model=MaxViT-T"),
+])
+def test_recipe_configs_build(name, arg):
+  """Every recipe names a real model, a valid optimiser/schedule and a model-compatible image size."""
+  config = load_config(name, arg)
+  config.num_classes = 10 if config.dataset == "digits" else 1000
+  model = trainer.build_model(config)
+  tx, lr = optim.make_optimizer(config)
+  abstract, _ = state_lib.state_shardings(model, tx, shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
+  assert jax.tree.leaves(abstract.params)
+  assert float(lr(config.warmup_steps)) == pytest.approx(config.lr, rel=1e-3)
+  if name == "vit_finetune":
+    assert config.optimizer == "sgd" and config.momentum == 0.9 and config.grad_clip_norm == 1.0
+    assert config.batch_size == 512 and config.image_size == 384 and config.decay_type == "cosine"
+
+
+def test_recipe_arguments_are_checked():
+  with pytest.raises(ValueError, match="unknown config argument 'modle'"):
+    load_config("vit_finetune", "modle=ViT-B_16")
+  with pytest.raises(ValueError, match="no fine-tuning preset for dataset 'cifar_10'"):
+    load_config("vit_finetune", "dataset=cifar_10")

@@ -28,8 +28,8 @@ ITEMS = ("state", "data", "config")
 
 # Config keys that may change between a run and its resume (they do not change
 # what was trained, only how it runs).
-RESUMABLE_CHANGES = ("mesh", "checkpoint_every", "eval_every", "log_every", "progress_secs", "keep_checkpoints",
-                     "eval_batch_size", "num_predictions", "total_steps_hint", "profile")
+RESUMABLE_CHANGES = ("mesh", "data_dir", "checkpoint_every", "eval_every", "log_every", "progress_secs",
+                     "keep_checkpoints", "eval_batch_size", "num_predictions")
 
 
 class ConfigMismatchError(ValueError):

@@ -71,8 +71,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh:
   `variables` (e.g. pretrained weights) replace the random initialisation.
   """
   _, shardings = state_shardings(model, tx, mesh)
-  rng = jax.random.PRNGKey(seed)
-  init_rng, train_rng = jax.random.split(rng)
+  init_rng, train_rng = jax.random.split(jax.random.key(seed))
+  train_rng = jax.random.key_data(train_rng)  # raw uint32[2]: a plain array in the checkpoint
 
   def init(init_rng, train_rng, variables):
     if variables is None:

@@ -21,6 +21,12 @@ from vit_jax.train import sharding as shd
 from vit_jax.train.state import TrainState
 
 
+def _global_norm(tree) -> jax.Array:
+  # optax.tree.norm replaces the deprecated optax.global_norm (optax >= 0.2.5).
+  tree_lib = getattr(optax, "tree", None)
+  return tree_lib.norm(tree) if tree_lib is not None and hasattr(tree_lib, "norm") else optax.global_norm(tree)
+
+
 def soft_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   if label_smoothing:
@@ -93,8 +99,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"train_loss": loss, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "learning_rate": lr_schedule(state.step)}
+    metrics = {"train_loss": loss, "grad_norm": _global_norm(grads),
+               "param_norm": _global_norm(params), "learning_rate": lr_schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats)
     return new_state, metrics
 
