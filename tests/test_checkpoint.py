@@ -125,3 +125,28 @@ def test_vit_jax_restore_gives_a_ready_model(tmp_path, setup):
     vit_jax.restore(str(tmp_path), step=4)
   with pytest.raises(FileNotFoundError, match="no checkpoints"):
     vit_jax.restore(str(tmp_path / "nothing"))
+
+
+def test_predict_cli_restores_a_workdir(tmp_path, setup, capsys):
+  """`python -m vit_jax.predict --workdir` prints the restored model's own top-5 probabilities."""
+  from PIL import Image
+  from vit_jax import predict
+  config, model, tx, state = setup
+  # A fresh head is zero (uniform probabilities); a random one makes the ranking depend on the input.
+  head = state.params["head"]
+  rng = np.random.default_rng(2)
+  params = dict(state.params, head={k: rng.normal(size=v.shape).astype(np.float32) for k, v in head.items()})
+  state = state.replace(params=params)
+  saver = ckpt_lib.Checkpointer(str(tmp_path / "run"))
+  saver.save(5, state, {}, config)
+  saver.close()
+  pixels = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(tmp_path / "digit.png")
+  assert predict.main(["--workdir", str(tmp_path / "run"), str(tmp_path / "digit.png")]) == 0
+  printed = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+  images = (pixels[None].astype(np.float32) - 127.5) / 127.5  # the pipeline's default [-1, 1]
+  logits = model.apply({"params": state.params}, images, train=False)
+  probs = np.asarray(jax.nn.softmax(logits[0]))
+  top5 = np.argsort(-probs)[:5]
+  assert [int(row[1]) for row in printed] == top5.tolist()
+  np.testing.assert_allclose([float(row[0]) for row in printed], probs[top5], atol=1e-4)

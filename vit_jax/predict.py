@@ -97,7 +97,8 @@ def main(argv=None) -> int:
   norm = args.norm or "minus_one_one"
   if args.workdir:
     model, variables, config = vit_jax.restore(args.workdir)
-    norm = args.norm or config.get("normalization", None) or norm
+    # The run's own evaluation normalisation (vit_jax.data's default when the config leaves it out).
+    norm = args.norm or config.get("input_eval", {}).get("normalization", None) or norm
     if args.image_size or args.num_classes or args.model_option:
       raise SystemExit("--image-size/--num-classes/--model-option do not apply to --workdir checkpoints.")
   else:
