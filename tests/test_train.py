@@ -275,3 +275,57 @@ def test_recipe_arguments_are_checked():
     load_config("vit_finetune", "modle=ViT-B_16")
   with pytest.raises(ValueError, match="no fine-tuning preset for dataset 'cifar_10'"):
     load_config("vit_finetune", "dataset=cifar_10")
+
+
+def test_eval_step_counts_top1_and_top5_once_and_ignores_padding():
+  config = load_config()
+  mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  model = trainer.build_model(config)
+  tx, _ = optim.make_optimizer(config)
+  _, shardings = state_lib.state_shardings(model, tx, mesh)
+  variables = initial_variables(config)
+  # A zero-initialised head ties every class; a random one makes top-1 and top-5 differ.
+  rng = np.random.default_rng(3)
+  variables["params"]["head"] = {k: rng.normal(size=v.shape).astype(np.float32)
+                                 for k, v in variables["params"]["head"].items()}
+  state = state_lib.create_train_state(model, tx, mesh, config.seed, variables)
+  batch = fixed_batches(1, batch=16, seed=4)[0]
+  batch["mask"] = np.arange(16) < 11  # the last 5 rows are padding
+  sums = step_lib.make_eval_step(model, mesh, shardings)(
+      state, trainer.to_global(batch, mesh, ("image", "label", "mask")))
+  with jax.default_matmul_precision("highest"):
+    logits = np.asarray(model.apply(variables, batch["image"], train=False))[:11]
+  labels = batch["label"][:11]
+  top5 = np.argsort(-logits, axis=-1)[:, :5]
+  assert float(sums["count"]) == 11
+  assert float(sums["correct"]) == np.sum(np.argmax(logits, -1) == labels)
+  assert float(sums["correct_top5"]) == np.sum(np.any(top5 == labels[:, None], axis=-1))
+  assert float(sums["correct_top5"]) > float(sums["correct"])  # the two counts are really different
+
+
+def test_mixup_and_cutmix_inside_the_train_step():
+  config = load_config()
+  config.lr, config.warmup_steps = 1e-2, 0
+  mesh = shd.make_mesh({"data": 2, "fsdp": 1, "tensor": 1})
+  model = trainer.build_model(config)
+  tx, lr = optim.make_optimizer(config)
+  _, shardings = state_lib.state_shardings(model, tx, mesh)
+  variables = initial_variables(config)
+  # The zero-initialised head gives loss ln(10) whatever the targets; a random one lets mixing show.
+  rng = np.random.default_rng(5)
+  variables["params"]["head"] = {k: rng.normal(size=v.shape).astype(np.float32)
+                                 for k, v in variables["params"]["head"].items()}
+  batch = trainer.to_global(fixed_batches(1)[0], mesh, ("image", "label"))
+
+  def first_loss(mixup):
+    state = state_lib.create_train_state(model, tx, mesh, config.seed, variables)
+    train_step = step_lib.make_train_step(model, tx, lr, mesh, shardings, mixup=mixup)
+    return float(train_step(state, batch)[1]["train_loss"])
+
+  plain = first_loss(None)
+  assert first_loss({"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "switch_prob": 0.5}) == pytest.approx(plain, rel=1e-6)
+  # A large alpha puts the mixing weight near 0.5, so each path surely changes the batch.
+  mixed = first_loss({"mixup_alpha": 1000.0, "cutmix_alpha": 0.0, "switch_prob": 0.5})
+  cut = first_loss({"mixup_alpha": 0.0, "cutmix_alpha": 1000.0, "switch_prob": 0.5})
+  assert np.isfinite(mixed) and abs(mixed - plain) > 1e-3
+  assert np.isfinite(cut) and abs(cut - plain) > 1e-3 and abs(cut - mixed) > 1e-3
