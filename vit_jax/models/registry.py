@@ -16,8 +16,7 @@ import flax.linen as nn
 # name -> (family, module class, default keyword arguments)
 _REGISTRY: dict[str, tuple[str, type[nn.Module], dict[str, Any]]] = {}
 
-# Families import lazily on first use so that `import vit_jax` stays cheap and a
-# broken family file does not break the others.
+# Families import lazily (they import this module) so that `import vit_jax` stays cheap.
 _FAMILY_MODULES = ("vit_jax.models.vit", "vit_jax.models.crossvit", "vit_jax.models.maxvit")
 _loaded = False
 
@@ -28,19 +27,18 @@ def register(name: str, family: str, module_cls: type[nn.Module], **defaults: An
   _REGISTRY[name] = (family, module_cls, defaults)
 
 
+def import_modules(module_names) -> None:
+  """Imports modules that register themselves here or in vit_jax.weights on import."""
+  import importlib
+  for module_name in module_names:
+    importlib.import_module(module_name)
+
+
 def _load_families() -> None:
   global _loaded
-  if _loaded:
-    return
-  import importlib
-  for module_name in _FAMILY_MODULES:
-    try:
-      importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-      # A family that is not written yet simply contributes no names.
-      if e.name != module_name:
-        raise
-  _loaded = True
+  if not _loaded:
+    import_modules(_FAMILY_MODULES)
+    _loaded = True
 
 
 def list_models(family: str | None = None) -> list[str]:

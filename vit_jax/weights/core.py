@@ -58,13 +58,7 @@ def register_converter(family: str, fmt: str, detect, to_variables, from_variabl
 
 
 def converters(family: str | None = None) -> list[Converter]:
-  import importlib
-  for module_name in _CONVERTER_MODULES:
-    try:
-      importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-      if e.name != module_name:
-        raise
+  registry.import_modules(_CONVERTER_MODULES)  # each registers itself on import
   return [c for c in _CONVERTERS if family is None or c.family == family]
 
 
