@@ -64,31 +64,20 @@ def test_cli_infer_with_timm(capsys):
 
 
 def test_train_step_carries_batch_stats():
-  # MaxViT's BatchNorm statistics go through the step as state; lowering (tracing only) checks the plumbing.
+  # MaxViT's BatchNorm statistics go through the training code's step as state; lowering (tracing only)
+  # checks the plumbing.
   import jax
   import jax.numpy as jnp
   args = bench.parse_args(["--model", "MaxViT-T", "--image-size", "64", "--set", "window_size=2",
                            "--set", "depths=(1, 1)", "--set", "embed_dims=(32, 64)", "--set", "stem_width=16",
                            "--num-classes", "10", "--dtype", "float32"])
   model = bench.build_model(args)
-  state = jax.eval_shape(lambda: bench.init_state(model, "train", 0)[0])
-  assert jax.tree.leaves(state["batch_stats"])
-  images, labels = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32)
-  lowered = bench.make_train_step(model, bench.make_optimizer(), True).lower(state, images, labels)
-  new_state, loss = lowered.out_info
-  assert jax.tree.structure(new_state) == jax.tree.structure(state)
-  assert loss.shape == ()
-
-
-def test_library_train_step_lowers_with_bench_inputs():
-  # --train-step library runs the training code's own step (vit_jax.train.step); tracing only here.
-  import jax
-  import jax.numpy as jnp
-  model = bench.build_model(bench.parse_args(TINY_VIT + ["--dtype", "float32"]))
-  state, step = bench.library_train_step(model, 0, abstract=True)
-  batch = {"image": jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
+  state, step = bench.train_step_and_state(model, 0, abstract=True)
+  assert jax.tree.leaves(state.batch_stats)
+  batch = {"image": jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32),
            "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
-  _, metrics = step.lower(state, batch).out_info
+  new_state, metrics = step.lower(state, batch).out_info
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert metrics["train_loss"].shape == ()
 
 

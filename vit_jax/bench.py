@@ -3,7 +3,6 @@
   python -m vit_jax.bench --model ViT-B_16 --mode train --batch 256 [--image-size 224]
       [--dtype bfloat16|float32] [--attention xla|cudnn] [--remat] [--scan] [--steps 20]
       [--vs timm] [--peak-tflops 989.4] [--set hidden_size=32 ...] [--out results.jsonl]
-      [--train-step bench|library]
   python -m vit_jax.bench --sweep benchmarks/sweep.jsonl --vs timm --out benchmarks/results/h100.jsonl
   python -m vit_jax.bench --model ViT-L_16 --mode train --find-max-batch [--remat]
   python -m vit_jax.bench --table benchmarks/results/cpu.jsonl      # markdown table of a results file
@@ -105,8 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--attention", choices=("xla", "cudnn"), default="xla")
   p.add_argument("--remat", action="store_true", help="rematerialise the blocks in the backward pass")
   p.add_argument("--scan", action="store_true", help="nn.scan over the encoder blocks (ViT)")
-  p.add_argument("--train-step", choices=("bench", "library"), default="bench",
-                 help="bench: the tool's own minimal step; library: vit_jax.train.step (one-device mesh)")
   p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -217,70 +214,22 @@ def analytic_flops(model, mode: str) -> tuple[float | None, str | None]:
 # ------------------------------------------------------------------------------- the JAX steps
 
 
-def make_train_step(model, tx, has_batch_stats: bool):
-  """A self-contained train step: softmax cross-entropy in float32, AdamW, donated state.
-
-  (The library's sharded step in `vit_jax.train.step` adds a mesh, mixup and
-  gradient accumulation; on one device this is the same computation.)
-  """
-  import jax
-  import jax.numpy as jnp
-  import optax
-
-  def loss_fn(params, batch_stats, images, labels, rng):
-    variables = {"params": params}
-    if has_batch_stats:
-      variables["batch_stats"] = batch_stats
-      logits, updates = model.apply(variables, images, train=True, rngs={"dropout": rng},
-                                    mutable=["batch_stats"])
-      batch_stats = updates["batch_stats"]
-    else:
-      logits = model.apply(variables, images, train=True, rngs={"dropout": rng})
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-    return loss, batch_stats
-
-  def step(state, images, labels):
-    # The key is kept as raw uint32 data so that every state leaf is a plain, donatable array.
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["batch_stats"], images, labels, rng)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state, batch_stats=batch_stats)
-    return new_state, loss
-
-  return jax.jit(step, donate_argnums=(0,))
-
-
 def make_infer_step(model):
   import jax
   return jax.jit(lambda variables, images: model.apply(variables, images, train=False))
 
 
-def make_optimizer():
-  import optax
-  return optax.adamw(1e-4, weight_decay=0.05)
-
-
-def init_state(model, mode: str, seed: int):
-  """Variables (infer) or {step, params, opt_state, batch_stats, rng} (train), created on the device."""
+def init_variables(model, seed: int):
+  """The model's variables for inference, created on the device."""
   import jax
   import jax.numpy as jnp
 
   h, w = image_hw(model)
-  key = jax.random.key(seed)
-  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, h, w, 3), jnp.float32), train=False))(key)
-  if mode == "infer":
-    return variables, None
-  tx = make_optimizer()
-  params = variables["params"]
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "batch_stats": variables.get("batch_stats", {}), "rng": jax.random.key_data(jax.random.key(seed + 1))}
-  return state, tx
+  return jax.jit(lambda k: model.init(k, jnp.zeros((1, h, w, 3), jnp.float32), train=False))(jax.random.key(seed))
 
 
-def library_train_step(model, seed: int, abstract: bool = False):
-  """The training code's own sharded step (`vit_jax.train`) on a one-device mesh: (state, step).
+def train_step_and_state(model, seed: int, abstract: bool = False):
+  """The training code's own step (`vit_jax.train.step`, AdamW) on a one-device mesh: (state, step).
 
   `abstract=True` returns the state as ShapeDtypeStructs (nothing is allocated or compiled).
   """
@@ -291,7 +240,7 @@ def library_train_step(model, seed: int, abstract: bool = False):
   from vit_jax.train import step as step_lib
 
   mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  tx = make_optimizer()
+  tx = optax.adamw(1e-4, weight_decay=0.05)
   abstract_state, shardings = state_lib.state_shardings(model, tx, mesh)
   state = abstract_state if abstract else state_lib.create_train_state(model, tx, mesh, seed)
   step = step_lib.make_train_step(model, tx, optax.constant_schedule(1e-4), mesh, shardings)
@@ -313,8 +262,8 @@ def run_jax(model, args: argparse.Namespace, batch: int) -> dict[str, Any]:
   images = jax.random.normal(data_key, (batch, h, w, 3), jnp.float32)
   labels = jax.random.randint(jax.random.fold_in(data_key, 1), (batch,), 0, model.num_classes)
 
-  if args.mode == "train" and args.train_step == "library":
-    state, train_step = library_train_step(model, args.seed)
+  if args.mode == "train":
+    state, train_step = train_step_and_state(model, args.seed)
     batch_dict = {"image": images, "label": labels}
     start = time.perf_counter()
     compiled = train_step.lower(state, batch_dict).compile()
@@ -323,18 +272,8 @@ def run_jax(model, args: argparse.Namespace, batch: int) -> dict[str, Any]:
     def run_once(s):
       s, metrics = compiled(s, batch_dict)
       return s, (s, metrics["train_loss"])
-  elif args.mode == "train":
-    state, tx = init_state(model, args.mode, args.seed)
-    train_step = make_train_step(model, tx, bool(jax.tree.leaves(state["batch_stats"])))
-    start = time.perf_counter()
-    compiled = train_step.lower(state, images, labels).compile()
-    compile_s = time.perf_counter() - start
-
-    def run_once(s):
-      s, loss = compiled(s, images, labels)
-      return s, (s, loss)
   else:
-    state, _ = init_state(model, args.mode, args.seed)
+    state = init_variables(model, args.seed)
     infer_step = make_infer_step(model)
     start = time.perf_counter()
     compiled = infer_step.lower(state, images).compile()
@@ -602,7 +541,7 @@ def bench_one(args: argparse.Namespace) -> dict[str, Any]:
   record: dict[str, Any] = {
       "model": args.model, "mode": args.mode, "batch": args.batch, "image_size": list(image_hw(model)),
       "dtype": args.dtype, "attention": args.attention, "remat": args.remat, "scan": args.scan,
-      "train_step": args.train_step if args.mode == "train" else None, "overrides": parse_overrides(args.overrides) or None, "steps": args.steps, **info,
+      "overrides": parse_overrides(args.overrides) or None, "steps": args.steps, **info,
       "threads": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), **measured,
       "gflops_per_image": None if flop_per_image is None else round(flop_per_image / 1e9, 4),
       "tflops_per_sec": None, "peak_tflops": peak, "mfu": None,
