@@ -122,30 +122,29 @@ def validate(config, num_devices: int | None = None) -> jax.sharding.Mesh:
 
 # ----------------------------------------------------------------------------- data
 
-def train_iterator(config, num_classes: int):
+def _iterator(config, num_classes: int, *, train: bool):
+  """This process's share of the training (repeating) or evaluation (one padded pass) split."""
+  if train:
+    split, global_batch, options = config.train_split, config.batch_size, config.get("input", {})
+  else:
+    split, global_batch, options = config.eval_split, config.eval_batch_size, config.get("input_eval", {})
   pc, pi = jax.process_count(), jax.process_index()
   if config.dataset == "synthetic":
-    return synthetic.SyntheticTrain(global_batch_size=config.batch_size, num_classes=num_classes,
-                                    image_size=image_size_of(config), seed=config.seed,
-                                    process_index=pi, process_count=pc)
+    make = synthetic.SyntheticTrain if train else synthetic.synthetic_eval
+    return make(global_batch_size=global_batch, num_classes=num_classes, image_size=image_size_of(config),
+                seed=config.seed, process_index=pi, process_count=pc)
   from vit_jax import data
-  return data.get_dataset(config.dataset, config.train_split, batch_size=config.batch_size // pc,
-                          image_size=config.image_size, train=True, seed=config.seed,
-                          data_dir=config.get("data_dir") or None, process_index=pi, process_count=pc,
-                          **dict(config.get("input", {})))
+  return data.get_dataset(config.dataset, split, batch_size=global_batch // pc, image_size=config.image_size,
+                          train=train, seed=config.seed, data_dir=config.get("data_dir") or None,
+                          process_index=pi, process_count=pc, **dict(options))
+
+
+def train_iterator(config, num_classes: int):
+  return _iterator(config, num_classes, train=True)
 
 
 def eval_iterator(config, num_classes: int):
-  pc, pi = jax.process_count(), jax.process_index()
-  if config.dataset == "synthetic":
-    return synthetic.synthetic_eval(global_batch_size=config.eval_batch_size, num_classes=num_classes,
-                                    image_size=image_size_of(config), seed=config.seed,
-                                    process_index=pi, process_count=pc)
-  from vit_jax import data
-  return data.get_dataset(config.dataset, config.eval_split, batch_size=config.eval_batch_size // pc,
-                          image_size=config.image_size, train=False, seed=config.seed,
-                          data_dir=config.get("data_dir") or None, process_index=pi, process_count=pc,
-                          **dict(config.get("input_eval", {})))
+  return _iterator(config, num_classes, train=False)
 
 
 def to_global(batch: dict, mesh: jax.sharding.Mesh, keys: tuple[str, ...]) -> dict:
