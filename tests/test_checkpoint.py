@@ -12,7 +12,7 @@ import vit_jax
 from vit_jax.train import checkpoint as ckpt_lib
 from vit_jax.train import optim, sharding as shd, state as state_lib, trainer
 
-from test_train import initial_variables, load_config
+from test_train import initial_variables, load_config, with_random_head
 
 
 def mesh_of(data, fsdp, tensor):
@@ -133,10 +133,7 @@ def test_predict_cli_restores_a_workdir(tmp_path, setup, capsys):
   from vit_jax import predict
   config, model, tx, state = setup
   # A fresh head is zero (uniform probabilities); a random one makes the ranking depend on the input.
-  head = state.params["head"]
-  rng = np.random.default_rng(2)
-  params = dict(state.params, head={k: rng.normal(size=v.shape).astype(np.float32) for k, v in head.items()})
-  state = state.replace(params=params)
+  state = state.replace(params=with_random_head({"params": state.params}, 2)["params"])
   saver = ckpt_lib.Checkpointer(str(tmp_path / "run"))
   saver.save(5, state, {}, config)
   saver.close()

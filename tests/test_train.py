@@ -36,6 +36,13 @@ def initial_variables(config):
   return jax.device_get(nn.meta.unbox(init()))
 
 
+def with_random_head(variables, seed):
+  """A zero-initialised head ties every class (loss ln(k) whatever the input); a random one lets outputs differ."""
+  rng = np.random.default_rng(seed)
+  head = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in variables["params"]["head"].items()}
+  return {**variables, "params": {**variables["params"], "head": head}}
+
+
 def run_steps(config, mesh_sizes, batches, variables=None):
   """Losses and final state of len(batches) steps on a mesh (data, fsdp, tensor)."""
   mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_sizes)))
@@ -283,11 +290,7 @@ def test_eval_step_counts_top1_and_top5_once_and_ignores_padding():
   model = trainer.build_model(config)
   tx, _ = optim.make_optimizer(config)
   _, shardings = state_lib.state_shardings(model, tx, mesh)
-  variables = initial_variables(config)
-  # A zero-initialised head ties every class; a random one makes top-1 and top-5 differ.
-  rng = np.random.default_rng(3)
-  variables["params"]["head"] = {k: rng.normal(size=v.shape).astype(np.float32)
-                                 for k, v in variables["params"]["head"].items()}
+  variables = with_random_head(initial_variables(config), 3)  # so that top-1 and top-5 differ
   state = state_lib.create_train_state(model, tx, mesh, config.seed, variables)
   batch = fixed_batches(1, batch=16, seed=4)[0]
   batch["mask"] = np.arange(16) < 11  # the last 5 rows are padding
@@ -310,11 +313,7 @@ def test_mixup_and_cutmix_inside_the_train_step():
   model = trainer.build_model(config)
   tx, lr = optim.make_optimizer(config)
   _, shardings = state_lib.state_shardings(model, tx, mesh)
-  variables = initial_variables(config)
-  # The zero-initialised head gives loss ln(10) whatever the targets; a random one lets mixing show.
-  rng = np.random.default_rng(5)
-  variables["params"]["head"] = {k: rng.normal(size=v.shape).astype(np.float32)
-                                 for k, v in variables["params"]["head"].items()}
+  variables = with_random_head(initial_variables(config), 5)  # so that mixing changes the loss
   batch = trainer.to_global(fixed_batches(1)[0], mesh, ("image", "label"))
 
   def first_loss(mixup):
