@@ -297,7 +297,6 @@ class MultiScaleBlock(nn.Module):
 
 class CrossViT(nn.Module):
   """Dual-branch CrossViT classifier; `__call__(images NHWC, train)` -> logits [batch, num_classes]."""
-  model_name: str = "CrossViT"
   num_classes: int = 1000
   image_size: int | tuple[int, int] = 240
   # L-branch input size; None = the released rule (240 -> 224, 408 -> 384, see `large_branch_size`).
@@ -336,12 +335,12 @@ class CrossViT(nn.Module):
     try:
       grid_small = layers.check_divisible(small, self.patch_sizes[0], "S-branch patch size")
     except ValueError as e:
-      raise ValueError(f"{self.model_name}: {e} (image_size must be a multiple of "
+      raise ValueError(f"CrossViT: {e} (image_size must be a multiple of "
                        f"{self.patch_sizes[0]}, e.g. 240 or 408.)") from None
     try:
       grid_large = layers.check_divisible(large, self.patch_sizes[1], "L-branch patch size")
     except ValueError as e:
-      raise ValueError(f"{self.model_name}: the L-branch input {large[0]}x{large[1]} does not fit: {e} "
+      raise ValueError(f"CrossViT: the L-branch input {large[0]}x{large[1]} does not fit: {e} "
                        "Pass large_image_size= a multiple of the L patch size.") from None
     return grid_small, grid_large
 
@@ -356,7 +355,12 @@ class CrossViT(nn.Module):
     return [(rates[k * per_block:(k + 1) * per_block] + [rates[-1]] * per_block)[:per_block]
             for k in range(self.num_multiscale_blocks)]
 
-  def _check_config(self):
+  def __post_init__(self):
+    self.check_config()  # bad options fail in get_model, before any tracing
+    super().__post_init__()
+
+  def check_config(self) -> None:
+    """Raises ValueError naming the option to fix (also an image size a patch size does not divide)."""
     if self.fusion not in FUSIONS:
       raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}.")
     for name in ("patch_sizes", "embed_dims", "num_heads", "mlp_ratios"):
@@ -367,18 +371,20 @@ class CrossViT(nn.Module):
         raise ValueError(f"width {d} is not divisible by {h} heads; choose num_heads dividing embed_dims.")
     if self.fusion == "cross_attention" and self.cross_depth < 1:
       raise ValueError("cross_depth (L) must be >= 1 with cross-attention fusion.")
+    layers.check_attention_implementation(self.attention_implementation)
+    self.grids()
+
+  def position_embeddings(self) -> dict[str, tuple[tuple[int, int], int]]:
+    """Parameter name -> (patch grid, prefix tokens) of each learned position embedding."""
+    return {f"pos_embed_{i}": (grid, 1) for i, grid in enumerate(self.grids())}
 
   # ------------------------------------------------------------------ forward
   @nn.compact
   def __call__(self, images, train: bool = False):
-    self._check_config()
     deterministic = not train
     grids = self.grids()
     sizes = self.branch_sizes()
-    if images.ndim != 4 or tuple(images.shape[1:3]) != sizes[0] or images.shape[3] != 3:
-      raise ValueError(f"{self.model_name} expects images of shape [batch, {sizes[0][0]}, {sizes[0][1]}, 3] "
-                       f"(NHWC), got {tuple(images.shape)}. Resize the input, or build the model with "
-                       "image_size= its size (load_pretrained resizes the position embeddings).")
+    layers.check_images(images, sizes[0], "CrossViT")
     xs = []
     for i in range(2):
       # Resize in float32 (the kernel weights would lose precision in bfloat16).
@@ -431,14 +437,29 @@ VARIANTS = {
     "CrossViT-18-dagger": _variant((224, 448), 7, 6, 3, dagger=True),
 }
 
-# timm names of the released weights (image size 240 unless the name says 408).
+# timm names the released models by their input size (IBM's `*_224` = timm's `*_240`).
 TIMM_NAMES = {
-    "CrossViT-Ti": "crossvit_tiny_240", "CrossViT-S": "crossvit_small_240",
-    "CrossViT-B": "crossvit_base_240", "CrossViT-9": "crossvit_9_240", "CrossViT-15": "crossvit_15_240",
-    "CrossViT-18": "crossvit_18_240", "CrossViT-9-dagger": "crossvit_9_dagger_240",
-    "CrossViT-15-dagger": "crossvit_15_dagger_240 / crossvit_15_dagger_408",
-    "CrossViT-18-dagger": "crossvit_18_dagger_240 / crossvit_18_dagger_408",
+    "CrossViT-Ti": "crossvit_tiny_240", "CrossViT-S": "crossvit_small_240", "CrossViT-B": "crossvit_base_240",
+    "CrossViT-9": "crossvit_9_240", "CrossViT-15": "crossvit_15_240", "CrossViT-18": "crossvit_18_240",
+    "CrossViT-9-dagger": "crossvit_9_dagger_240", "CrossViT-15-dagger": "crossvit_15_dagger_240",
+    "CrossViT-18-dagger": "crossvit_18_dagger_240",
 }
 
-for _name, _cfg in VARIANTS.items():
-  registry.register(_name, "crossvit", CrossViT, **_cfg)
+
+def _pretrained(name: str) -> tuple[registry.PretrainedCfg, ...]:
+  """The released ImageNet-1k weights (IBM release, timm `crossvit_*.in1k`): resize to 274, centre crop
+  240 (crop_pct 0.875), bicubic, ImageNet mean/std; the dagger 15/18 also at 408 (crop_pct 1.0)."""
+  cfgs = [registry.PretrainedCfg("in1k", 240, crop_pct=0.875, mean=registry.IMAGENET_MEAN,
+                                 std=registry.IMAGENET_STD, timm_name=f"{TIMM_NAMES[name]}.in1k")]
+  if name in ("CrossViT-15-dagger", "CrossViT-18-dagger"):
+    cfgs.append(registry.PretrainedCfg("in1k_408", 408, crop_pct=1.0, mean=registry.IMAGENET_MEAN,
+                                       std=registry.IMAGENET_STD,
+                                       timm_name=TIMM_NAMES[name].replace("_240", "_408") + ".in1k"))
+  return tuple(cfgs)
+
+
+registry.register_family(registry.Family(
+    name="crossvit", module=CrossViT, variants=VARIANTS,
+    converters=("vit_jax.weights.timm.crossvit", "vit_jax.weights.ibm"),
+    timm_names=TIMM_NAMES, pretrained={name: _pretrained(name) for name in VARIANTS},
+    head=("head_0", "head_1"), posemb_resize="bicubic"))

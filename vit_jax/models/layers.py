@@ -128,16 +128,35 @@ class Attention(nn.Module):
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch per example (scaled by 1/keep)."""
+  """Stochastic depth: drops the whole residual branch per example (scaled by 1/keep).
+
+  The rate is a field, or a call argument when it is traced (one rate per layer under `nn.scan`).
+  """
   rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
-    if self.rate == 0.0 or deterministic:
+  def __call__(self, x, *, deterministic: bool, rate: float | jax.Array | None = None):
+    rate = self.rate if rate is None else rate
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
       return x
-    keep = 1.0 - self.rate
+    keep = 1.0 - rate
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def check_attention_implementation(implementation: str) -> None:
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                     f"got {implementation!r}.")
+
+
+def check_images(images, image_size, model: str) -> None:
+  """ValueError unless `images` is an NHWC RGB batch of `image_size` (the size the model was built for)."""
+  expected = to_2tuple(image_size)
+  if images.ndim != 4 or tuple(images.shape[1:3]) != expected or images.shape[3] != 3:
+    raise ValueError(f"{model} expects images [batch, {expected[0]}, {expected[1]}, 3] (NHWC), got "
+                     f"{tuple(images.shape)}; resize the input, or build the model with "
+                     "get_model(..., image_size=...) (load_pretrained resizes the position embeddings).")
 
 
 def to_2tuple(size: int | Sequence[int]) -> tuple[int, int]:

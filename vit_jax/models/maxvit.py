@@ -336,7 +336,6 @@ class MaxViT(_Common):
   named axis (under `shard_map`/`pmap`); under `jit` with a sharded batch the
   statistics are global already.
   """
-  model_name: str = "MaxViT-T"
   num_classes: int = 1000
   image_size: int | tuple[int, int] = 224
   depths: tuple[int, ...] = (2, 2, 5, 2)
@@ -355,24 +354,26 @@ class MaxViT(_Common):
   block_order: tuple[str, ...] = BLOCK_LAYERS
 
   def __post_init__(self):
-    # Fail when the model is built (get_model), not at the first call.
-    self.windows()
+    self.check_config()  # bad options fail in get_model, before any tracing
     super().__post_init__()
 
   def windows(self) -> tuple[int, int]:
     """The (height, width) window (= grid) size for `image_size`."""
-    self._check_options()
     return check_image_size(self.image_size, self.window_size, len(self.depths), self.block_order)
 
-  def _check_options(self):
+  def check_config(self) -> None:
+    """Raises ValueError naming the option to fix (also an image size the windows do not fit)."""
     if sorted(self.block_order) != sorted(BLOCK_LAYERS):
       raise ValueError(f"block_order must be an ordering of {BLOCK_LAYERS} (paper Table 8), "
                        f"got {tuple(self.block_order)}.")
     if len(self.depths) != len(self.embed_dims):
       raise ValueError(f"depths {self.depths} and embed_dims {self.embed_dims} must have the same length.")
-    if self.attention_implementation not in layers.ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"attention_implementation must be one of {layers.ATTENTION_IMPLEMENTATIONS}, "
-                       f"got {self.attention_implementation!r}.")
+    layers.check_attention_implementation(self.attention_implementation)
+    self.windows()
+
+  def position_embeddings(self) -> dict[str, tuple[tuple[int, int], int]]:
+    """No absolute position embeddings (the relative-bias tables are resized by the key name)."""
+    return {}
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -432,5 +433,30 @@ MODEL_CONFIGS = {
                       drop_path_rate=0.6),
 }
 
-for _name, _cfg in MODEL_CONFIGS.items():
-  registry.register(_name, "maxvit", MaxViT, **_cfg)
+TIMM_NAMES = {"MaxViT-T": "maxvit_tiny_tf_224", "MaxViT-S": "maxvit_small_tf_224",
+              "MaxViT-B": "maxvit_base_tf_224", "MaxViT-L": "maxvit_large_tf_224",
+              "MaxViT-XL": "maxvit_xlarge_tf_384"}
+
+
+def _pretrained(name: str) -> tuple[registry.PretrainedCfg, ...]:
+  """Official releases as timm's `maxvit_*_tf_*`: ImageNet-1k at 224 with ImageNet mean/std, crop_pct
+  0.95; the 384/512 fine-tunes and all ImageNet-21k models in [-1, 1], resize only (crop_pct 1.0)."""
+  arch = TIMM_NAMES[name].rsplit("_", 1)[0]  # maxvit_tiny_tf
+  cfgs = []
+  if name != "MaxViT-XL":
+    cfgs.append(registry.PretrainedCfg("in1k", 224, crop_pct=0.95, mean=registry.IMAGENET_MEAN,
+                                       std=registry.IMAGENET_STD, timm_name=f"{arch}_224.in1k"))
+  for size in (384, 512):
+    if name != "MaxViT-XL":
+      cfgs.append(registry.PretrainedCfg(f"in1k_{size}", size, crop_pct=1.0, timm_name=f"{arch}_{size}.in1k"))
+    if name in ("MaxViT-B", "MaxViT-L", "MaxViT-XL"):
+      cfgs.append(registry.PretrainedCfg(f"in21k_ft_in1k_{size}", size, crop_pct=1.0,
+                                         timm_name=f"{arch}_{size}.in21k_ft_in1k"))
+  return tuple(cfgs)
+
+
+registry.register_family(registry.Family(
+    name="maxvit", module=MaxViT, variants=MODEL_CONFIGS,
+    converters=("vit_jax.weights.timm.maxvit", "vit_jax.weights.tf_maxvit"),
+    timm_names=TIMM_NAMES, pretrained={name: _pretrained(name) for name in MODEL_CONFIGS},
+    head=("head",), posemb_resize="bilinear"))

@@ -1,50 +1,121 @@
-"""Name -> model factory registry shared by every family.
+"""Model families and their variants: one record per family, registered by its model file.
 
-Each family file registers its variants with `register`; `get_model` builds a
-`flax.linen.Module` from a name plus keyword overrides.  Overrides are checked
-against the module's dataclass fields so that a typo fails loudly instead of
-being ignored.
+A family record (`Family`) holds everything the rest of the package needs to
+know about a family, so that nothing else branches on its name:
+
+  module        the flax.linen Module class (one per family)
+  variants      model name -> the module's field values (e.g. "ViT-B_16" -> hidden_size=768, ...)
+  converters    modules under `vit_jax.weights` that register the family's checkpoint formats
+                (imported on first use of `load_pretrained` / `export_timm`)
+  timm_names    model name -> timm architecture at the native resolution (benchmarks, export)
+  pretrained    model name -> the released weights' input settings (`PretrainedCfg`, as timm's
+                `pretrained_cfg`): image size, crop, interpolation, mean/std, class count
+  head          top-level head modules, replaced by a zero head for a new class count
+  posemb_resize the family's default position-embedding resize ('bilinear' as the official ViT
+                code, 'bicubic' as timm / the official CrossViT code)
+
+`get_model` builds a module from a name plus keyword overrides; overrides are
+checked against the module's dataclass fields so that a typo fails loudly.
+Every family module validates its options at construction (`check_config`,
+called from `__post_init__`), so a bad image size fails in `get_model`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Callable
+import importlib
+from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
-# name -> (family, module class, default keyword arguments)
-_REGISTRY: dict[str, tuple[str, type[nn.Module], dict[str, Any]]] = {}
+from vit_jax.models import layers
 
 # Families import lazily (they import this module) so that `import vit_jax` stays cheap.
-_FAMILY_MODULES = ("vit_jax.models.vit", "vit_jax.models.crossvit", "vit_jax.models.maxvit")
+FAMILY_MODULES = ("vit_jax.models.vit", "vit_jax.models.crossvit", "vit_jax.models.maxvit")
+
+# timm's IMAGENET_DEFAULT_* and IMAGENET_INCEPTION_* (the [-1, 1] range of the official ViT/MaxViT).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedCfg:
+  """Input settings of one released weight, as timm's `pretrained_cfg`."""
+  tag: str                         # the release, e.g. timm's tag "augreg2_in21k_ft_in1k"
+  image_size: int
+  num_classes: int = 1000
+  crop_pct: float = 0.875          # central crop of the resized image (1.0: resize only)
+  interpolation: str = "bicubic"
+  mean: tuple[float, float, float] = INCEPTION_MEAN
+  std: tuple[float, float, float] = INCEPTION_STD
+  timm_name: str | None = None     # timm's `architecture.tag` for these weights
+
+  @property
+  def normalization(self) -> str:
+    """The name `vit_jax.data` uses for this mean/std ('minus_one_one' or 'imagenet')."""
+    if (self.mean, self.std) == (INCEPTION_MEAN, INCEPTION_STD):
+      return "minus_one_one"
+    if (self.mean, self.std) == (IMAGENET_MEAN, IMAGENET_STD):
+      return "imagenet"
+    raise ValueError(f"no vit_jax.data normalisation for mean {self.mean}, std {self.std}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str
+  module: type[nn.Module]
+  variants: Mapping[str, Mapping[str, Any]]
+  converters: tuple[str, ...] = ()
+  timm_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  pretrained: Mapping[str, tuple[PretrainedCfg, ...]] = dataclasses.field(default_factory=dict)
+  head: tuple[str, ...] = ("head",)
+  posemb_resize: str = "bilinear"
+
+
+_FAMILIES: dict[str, Family] = {}
+_BY_MODEL: dict[str, Family] = {}
+_BY_MODULE: dict[type, Family] = {}
 _loaded = False
 
 
-def register(name: str, family: str, module_cls: type[nn.Module], **defaults: Any) -> None:
-  if name in _REGISTRY:
-    raise ValueError(f"Model {name!r} is registered twice.")
-  _REGISTRY[name] = (family, module_cls, defaults)
-
-
-def import_modules(module_names) -> None:
-  """Imports modules that register themselves here or in vit_jax.weights on import."""
-  import importlib
-  for module_name in module_names:
-    importlib.import_module(module_name)
+def register_family(family: Family) -> Family:
+  """Called once by each family's model file at import."""
+  if family.name in _FAMILIES:
+    raise ValueError(f"Model family {family.name!r} is registered twice.")
+  twice = sorted(set(family.variants) & set(_BY_MODEL))
+  if twice:
+    raise ValueError(f"Model name(s) {twice} are registered twice.")
+  unknown = sorted((set(family.timm_names) | set(family.pretrained)) - set(family.variants))
+  if unknown:
+    raise ValueError(f"{family.name}: timm names / pretrained settings for unknown variants {unknown}.")
+  _FAMILIES[family.name] = family
+  _BY_MODULE[family.module] = family
+  for name in family.variants:
+    _BY_MODEL[name] = family
+  return family
 
 
 def _load_families() -> None:
   global _loaded
   if not _loaded:
-    import_modules(_FAMILY_MODULES)
+    for module_name in FAMILY_MODULES:
+      importlib.import_module(module_name)
     _loaded = True
+
+
+def families() -> list[Family]:
+  _load_families()
+  return list(_FAMILIES.values())
 
 
 def list_models(family: str | None = None) -> list[str]:
   """Every registered model name (optionally of one family), sorted."""
   _load_families()
-  return sorted(n for n, (f, _, _) in _REGISTRY.items() if family is None or f == family)
+  if family is not None and family not in _FAMILIES:
+    raise unknown_name_error("model family", family, sorted(_FAMILIES))
+  return sorted(n for n, f in _BY_MODEL.items() if family is None or f.name == family)
 
 
 def unknown_name_error(kind: str, name: str, valid: list[str]) -> ValueError:
@@ -53,20 +124,49 @@ def unknown_name_error(kind: str, name: str, valid: list[str]) -> ValueError:
   return ValueError(f"Unknown {kind} {name!r}.{hint} Valid choices: {', '.join(valid)}.")
 
 
-def lookup(name: str) -> tuple[str, type[nn.Module], dict[str, Any]]:
+def get_family(model: str | nn.Module | type) -> Family:
+  """The family of a model name, a module instance or a module class."""
   _load_families()
-  if name not in _REGISTRY:
-    raise unknown_name_error("model", name, list_models())
-  return _REGISTRY[name]
+  if isinstance(model, str):
+    if model in _BY_MODEL:
+      return _BY_MODEL[model]
+    if model in _FAMILIES:
+      return _FAMILIES[model]
+    raise unknown_name_error("model", model, list_models())
+  cls = model if isinstance(model, type) else type(model)
+  for klass in cls.__mro__:
+    if klass in _BY_MODULE:
+      return _BY_MODULE[klass]
+  raise ValueError(f"{cls.__name__} is not the module of a registered model family "
+                   f"({', '.join(f.module.__name__ for f in _FAMILIES.values())}).")
 
 
 def model_family(name: str) -> str:
-  return lookup(name)[0]
+  """The family name ('vit', 'crossvit', 'maxvit') of a model name."""
+  return get_family(name).name
 
 
 def model_fields(module_cls: type[nn.Module]) -> list[str]:
-  return [f.name for f in dataclasses.fields(module_cls)
-          if f.name not in ("parent", "name") and f.init]
+  return [f.name for f in dataclasses.fields(module_cls) if f.name not in ("parent", "name") and f.init]
+
+
+def timm_name(name: str) -> str | None:
+  """timm's architecture name for the model `name` at its native resolution (None: timm has none)."""
+  return get_family(name).timm_names.get(name)
+
+
+def pretrained_cfgs(name: str) -> tuple[PretrainedCfg, ...]:
+  """The input settings of every released weight of the model `name` (first: the default)."""
+  return tuple(get_family(name).pretrained.get(name, ()))
+
+
+def check_overrides(name: str, overrides: Mapping[str, Any]) -> None:
+  """TypeError naming every key of `overrides` that is not a field of the model's module."""
+  valid = model_fields(get_family(name).module)
+  unknown = sorted(set(overrides) - set(valid))
+  if unknown:
+    raise TypeError(f"Unknown option(s) {unknown} for model {name!r}. "
+                    f"Valid options: {', '.join(sorted(valid))}.")
 
 
 def get_model(name: str, *, num_classes: int = 1000, image_size: int | tuple[int, int] | None = None,
@@ -77,16 +177,34 @@ def get_model(name: str, *, num_classes: int = 1000, image_size: int | tuple[int
   CrossViT).  Any other keyword overrides a field of the model's module; an
   unknown keyword raises with the list of valid ones.
   """
-  _, module_cls, defaults = lookup(name)
-  valid = model_fields(module_cls)
-  unknown = sorted(set(overrides) - set(valid))
-  if unknown:
-    raise TypeError(f"Unknown option(s) {unknown} for model {name!r}. "
-                    f"Valid options: {', '.join(sorted(valid))}.")
-  kwargs = dict(defaults)
+  family = get_family(name)
+  if name not in family.variants:
+    raise unknown_name_error("model", name, list_models())
+  check_overrides(name, overrides)
+  kwargs = dict(family.variants[name])
   kwargs.update(overrides)
   kwargs["num_classes"] = num_classes
   if image_size is not None:
     kwargs["image_size"] = image_size
-  kwargs.setdefault("model_name", name)
-  return module_cls(**kwargs)
+  return family.module(**kwargs)
+
+
+# ----------------------------------------------------------------------------- variables
+
+def input_spec(model: nn.Module, batch: int = 1, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
+  """The NHWC image batch `model` takes at its `image_size`."""
+  h, w = layers.to_2tuple(model.image_size)
+  return jax.ShapeDtypeStruct((batch, h, w, 3), dtype)
+
+
+def init_variables(model: nn.Module, rng: jax.Array) -> dict:
+  """`model.init` on one zero image (params and, for MaxViT, batch_stats), boxed with logical axes."""
+  spec = input_spec(model)
+  params_rng, dropout_rng = jax.random.split(rng)
+  return model.init({"params": params_rng, "dropout": dropout_rng}, jnp.zeros(spec.shape, spec.dtype),
+                    train=False)
+
+
+def abstract_variables(model: nn.Module) -> dict:
+  """The shapes of `model`'s variables, boxed with their logical axis names (no memory, no compute)."""
+  return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))

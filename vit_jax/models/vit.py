@@ -161,13 +161,10 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _drop_path(self, x, rate):
-    # `rate` may be traced (one value per layer under nn.scan), hence no layers.DropPath here.
-    if self.deterministic or not self.use_drop_path:
+  def _drop_path(self, x, rate, name):
+    if not self.use_drop_path:  # `rate` is traced under nn.scan: decide by the model's rate
       return x
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    return layers.DropPath(name=name)(x, deterministic=self.deterministic, rate=rate)
 
   @nn.compact
   def __call__(self, inputs, drop_path_rate=0.0):
@@ -177,12 +174,12 @@ class Encoder1DBlock(nn.Module):
         implementation=self.attention_implementation, dtype=self.dtype, param_dtype=self.param_dtype,
         name="MultiHeadDotProductAttention_0")(x, deterministic=self.deterministic)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=self.deterministic)
-    x = inputs + self._drop_path(x, drop_path_rate)
+    x = inputs + self._drop_path(x, drop_path_rate, "DropPath_0")
     y = _layer_norm("LayerNorm_1", self.dtype, self.param_dtype)(x)
     y = layers.MlpBlock(
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, approximate_gelu=self.approximate_gelu,
         dtype=self.dtype, param_dtype=self.param_dtype, name="MlpBlock_0")(y, deterministic=self.deterministic)
-    return x + self._drop_path(y, drop_path_rate), None
+    return x + self._drop_path(y, drop_path_rate, "DropPath_1"), None
 
 
 def remat_policy_fn(name: str):
@@ -251,7 +248,6 @@ class Encoder(nn.Module):
 
 class VisionTransformer(nn.Module):
   """ViT / hybrid ResNet+ViT.  `__call__(images [n, h, w, 3] float32, train) -> logits [n, num_classes]`."""
-  model_name: str = "ViT-B_16"
   num_classes: int = 1000
   image_size: int | tuple[int, int] = 224
   patch_size: int | tuple[int, int] = 16
@@ -275,20 +271,24 @@ class VisionTransformer(nn.Module):
   resnet: Optional[tuple[Sequence[int], float]] = None  # hybrid root: (stage depths, width factor)
   head_bias_init: float = 0.0
 
+  def __post_init__(self):
+    self.check_config()  # bad options fail in get_model, before any tracing
+    super().__post_init__()
+
   def check_config(self) -> None:
+    """Raises ValueError naming the option to fix (also an image size the patch grid does not divide)."""
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}.")
     if self.posemb not in POSEMBS:
       raise ValueError(f"posemb must be one of {POSEMBS}, got {self.posemb!r}.")
-    if self.attention_implementation not in layers.ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"attention_implementation must be one of {layers.ATTENTION_IMPLEMENTATIONS}, "
-                       f"got {self.attention_implementation!r}.")
+    layers.check_attention_implementation(self.attention_implementation)
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}.")
     if self.resnet is not None:
       check_resnet(self.resnet)
     if self.remat:
       remat_policy_fn(self.remat_policy)
+    self.grid_size  # noqa: B018  (raises when the patch grid does not divide image_size)
 
   @property
   def total_stride(self) -> tuple[int, int]:
@@ -302,15 +302,16 @@ class VisionTransformer(nn.Module):
     what = "patch size" if self.resnet is None else "total stride (ResNet root x patch size)"
     return layers.check_divisible(self.image_size, self.total_stride, what)
 
+  def position_embeddings(self) -> dict[str, tuple[tuple[int, int], int]]:
+    """Parameter name -> (patch grid, prefix tokens) of each learned position embedding."""
+    if self.posemb != "learn":
+      return {}
+    return {"Transformer/posembed_input/pos_embedding": (self.grid_size, int(self.classifier == "token"))}
+
   @nn.compact
   def __call__(self, images, train: bool = False):
-    self.check_config()
     grid = self.grid_size
-    expected = layers.to_2tuple(self.image_size)
-    if images.ndim != 4 or tuple(images.shape[1:3]) != expected or images.shape[3] != 3:
-      raise ValueError(f"{self.model_name} expects images [batch, {expected[0]}, {expected[1]}, 3] (NHWC), "
-                       f"got {tuple(images.shape)}; for another resolution build the model with "
-                       "get_model(..., image_size=...) (load_pretrained resizes the position embeddings).")
+    layers.check_images(images, self.image_size, type(self).__name__)
     x = jnp.asarray(images, self.dtype)
 
     if self.resnet is not None:
@@ -360,24 +361,55 @@ class VisionTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------- registry
 
-# name -> (patch, hidden, mlp_dim, heads, depth, dropout_rate, resnet); values as the official configs/models.py.
-_CONFIGS = {
-    "ViT-Ti_16": (16, 192, 768, 3, 12, 0.0, None),
-    "ViT-S_16": (16, 384, 1536, 6, 12, 0.0, None),
-    "ViT-S_32": (32, 384, 1536, 6, 12, 0.0, None),
-    "ViT-B_8": (8, 768, 3072, 12, 12, 0.0, None),
-    "ViT-B_16": (16, 768, 3072, 12, 12, 0.0, None),
-    "ViT-B_32": (32, 768, 3072, 12, 12, 0.0, None),
-    "ViT-L_16": (16, 1024, 4096, 16, 24, 0.1, None),
-    "ViT-L_32": (32, 1024, 4096, 16, 24, 0.0, None),
-    "ViT-H_14": (14, 1280, 5120, 16, 32, 0.1, None),
-    "R+ViT-Ti_16": (8, 192, 768, 3, 12, 0.0, ((), 1)),
-    "R26+ViT-S_32": (1, 384, 1536, 6, 12, 0.0, ((2, 2, 2, 2), 1)),
-    "R26+ViT-B_32": (1, 768, 3072, 12, 12, 0.0, ((2, 2, 2, 2), 1)),
-    "R50+ViT-B_16": (1, 768, 3072, 12, 12, 0.1, ((3, 4, 9), 1)),
-    "R50+ViT-L_32": (1, 1024, 4096, 16, 24, 0.1, ((3, 4, 6, 3), 1)),
+def _variant(patch, hidden, mlp_dim, heads, depth, dropout=0.0, resnet=None):
+  return dict(image_size=224, patch_size=patch, hidden_size=hidden, mlp_dim=mlp_dim, num_heads=heads,
+              depth=depth, dropout_rate=dropout, resnet=resnet)
+
+
+# Values as the official configs/models.py.
+VARIANTS = {
+    "ViT-Ti_16": _variant(16, 192, 768, 3, 12),
+    "ViT-S_16": _variant(16, 384, 1536, 6, 12),
+    "ViT-S_32": _variant(32, 384, 1536, 6, 12),
+    "ViT-B_8": _variant(8, 768, 3072, 12, 12),
+    "ViT-B_16": _variant(16, 768, 3072, 12, 12),
+    "ViT-B_32": _variant(32, 768, 3072, 12, 12),
+    "ViT-L_16": _variant(16, 1024, 4096, 16, 24, 0.1),
+    "ViT-L_32": _variant(32, 1024, 4096, 16, 24),
+    "ViT-H_14": _variant(14, 1280, 5120, 16, 32, 0.1),
+    "R+ViT-Ti_16": _variant(8, 192, 768, 3, 12, resnet=((), 1)),
+    "R26+ViT-S_32": _variant(1, 384, 1536, 6, 12, resnet=((2, 2, 2, 2), 1)),
+    "R26+ViT-B_32": _variant(1, 768, 3072, 12, 12, resnet=((2, 2, 2, 2), 1)),
+    "R50+ViT-B_16": _variant(1, 768, 3072, 12, 12, 0.1, resnet=((3, 4, 9), 1)),
+    "R50+ViT-L_32": _variant(1, 1024, 4096, 16, 24, 0.1, resnet=((3, 4, 6, 3), 1)),
 }
 
-for _name, (_patch, _hidden, _mlp, _heads, _depth, _dropout, _resnet) in _CONFIGS.items():
-  registry.register(_name, "vit", VisionTransformer, image_size=224, patch_size=_patch, hidden_size=_hidden,
-                    mlp_dim=_mlp, num_heads=_heads, depth=_depth, dropout_rate=_dropout, resnet=_resnet)
+TIMM_NAMES = {
+    "ViT-Ti_16": "vit_tiny_patch16_224", "ViT-S_16": "vit_small_patch16_224",
+    "ViT-S_32": "vit_small_patch32_224", "ViT-B_8": "vit_base_patch8_224",
+    "ViT-B_16": "vit_base_patch16_224", "ViT-B_32": "vit_base_patch32_224",
+    "ViT-L_16": "vit_large_patch16_224", "ViT-L_32": "vit_large_patch32_224",
+    "ViT-H_14": "vit_huge_patch14_224", "R+ViT-Ti_16": "vit_tiny_r_s16_p8_224",
+    "R26+ViT-S_32": "vit_small_r26_s32_224", "R50+ViT-B_16": "vit_base_r50_s16_224",
+    "R50+ViT-L_32": "vit_large_r50_s32_224",
+}
+
+
+def _pretrained(name: str) -> tuple[registry.PretrainedCfg, ...]:
+  """Official npz releases (gs://vit_models): ImageNet-21k at 224, fine-tuned on ImageNet-1k at 384;
+  evaluated with a plain bilinear resize to [-1, 1] (crop_pct 1.0).  timm's AugReg ports: crop 0.9, bicubic."""
+  official = (
+      registry.PretrainedCfg("imagenet21k", 224, num_classes=21843, crop_pct=1.0, interpolation="bilinear"),
+      registry.PretrainedCfg("imagenet21k+imagenet2012", 384, crop_pct=1.0, interpolation="bilinear"))
+  timm = ()
+  if name in TIMM_NAMES and not name.startswith("R"):
+    timm = (registry.PretrainedCfg("augreg_in21k_ft_in1k", 224, crop_pct=0.9,
+                                   timm_name=f"{TIMM_NAMES[name]}.augreg_in21k_ft_in1k"),)
+  return official + timm
+
+
+registry.register_family(registry.Family(
+    name="vit", module=VisionTransformer, variants=VARIANTS,
+    converters=("vit_jax.weights.official_npz", "vit_jax.weights.timm.vit"),
+    timm_names=TIMM_NAMES, pretrained={name: _pretrained(name) for name in VARIANTS},
+    head=("head",), posemb_resize="bilinear"))
