@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Vision Transformers (ViT, hybrid, CrossViT, MaxViT) in JAX/Flax, from one CPU to TPU pods.",
     packages=find_packages(include=["vit_jax", "vit_jax.*"]),
-    package_data={"vit_jax": ["labels/*.txt", "data/metadata/**/*"]},
+    package_data={"vit_jax": ["labels/*.txt"]},
     include_package_data=True,
     python_requires=">=3.11",
     install_requires=[

@@ -11,8 +11,6 @@ import ml_collections
 
 from vit_jax.train import config_base
 
-TRAIN_EXAMPLES = 1_281_167
-
 
 def get_config(arg=None):
   args = config_base.parse_args(arg, model="CrossViT-15", batch_size=4096, epochs=300, warmup_epochs=30)
@@ -26,9 +24,8 @@ def get_config(arg=None):
   c.input_eval = ml_collections.ConfigDict(dict(crop="resize_small_central_crop", crop_pct=0.875,
                                                 normalization="imagenet"))
   c.batch_size = c.eval_batch_size = args.batch_size
-  steps_per_epoch = TRAIN_EXAMPLES // args.batch_size
-  c.total_steps = args.epochs * steps_per_epoch
-  c.warmup_steps = args.warmup_epochs * steps_per_epoch
+  c.total_steps, c.total_epochs = None, args.epochs  # epochs of the train split, counted at start
+  c.warmup_steps, c.warmup_epochs = None, args.warmup_epochs
   c.optimizer = "adamw"
   c.lr = 5e-4 * args.batch_size / 512
   c.weight_decay = 0.05
@@ -37,7 +34,7 @@ def get_config(arg=None):
   c.grad_clip_norm = 0.0
   c.label_smoothing = 0.1
   c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5))
-  c.checkpoint_every = 2 * steps_per_epoch
-  c.eval_every = 2 * steps_per_epoch
+  c.checkpoint_every = 625  # about every 2 epochs at batch 4096
+  c.eval_every = 625
   c.log_every = 50
   return c

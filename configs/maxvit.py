@@ -9,18 +9,17 @@ gradient clipping 1.0, stochastic depth 0.2 / 0.3 / 0.4 / 0.6 for T / S / B / L,
 """
 import ml_collections
 
+from vit_jax.models import registry
 from vit_jax.train import config_base
-
-TRAIN_EXAMPLES = 1_281_167
-DROP_PATH = {"MaxViT-T": 0.2, "MaxViT-S": 0.3, "MaxViT-B": 0.4, "MaxViT-L": 0.6, "MaxViT-XL": 0.6}
 
 
 def get_config(arg=None):
   args = config_base.parse_args(arg, model="MaxViT-T", batch_size=4096, epochs=300)
-  if args.model not in DROP_PATH:
-    raise ValueError(f"unknown MaxViT model {args.model!r}; choose one of {sorted(DROP_PATH)}.")
+  if args.model not in registry.list_models("maxvit"):
+    raise ValueError(f"unknown MaxViT model {args.model!r}; choose one of {registry.list_models('maxvit')}.")
   c = config_base.base_config()
-  c.model = ml_collections.ConfigDict(dict(name=args.model, drop_path_rate=DROP_PATH[args.model]))
+  # Stochastic depth as in the paper: the registry's variants carry it (T .2, S .3, B .4, L/XL .6).
+  c.model = ml_collections.ConfigDict(dict(name=args.model))
   c.dataset = "imagenet2012"
   c.train_split, c.eval_split = "train[:99%]", "validation"
   c.image_size = 224
@@ -28,7 +27,7 @@ def get_config(arg=None):
                                            normalization="imagenet"))
   c.input_eval = ml_collections.ConfigDict(dict(crop="resize", normalization="imagenet"))
   c.batch_size = c.eval_batch_size = args.batch_size
-  c.total_steps = args.epochs * TRAIN_EXAMPLES // args.batch_size
+  c.total_steps, c.total_epochs = None, args.epochs  # epochs of the train split, counted at start
   c.warmup_steps = 10_000
   c.optimizer = "adamw"
   c.lr = 3e-3

@@ -19,7 +19,6 @@ import ml_collections
 
 from vit_jax.train import config_base
 
-IMAGENET_TRAIN = {"imagenet2012": 1_281_167, "imagenet21k": 12_400_000}  # ~12.4M after de-duplication
 MIXUP = {"none": 0.0, "light1": 0.0, "light2": 0.2, "medium1": 0.2, "medium2": 0.5, "strong1": 0.5, "strong2": 0.8}
 RANDAUG = {"none": None, "light1": (2, 0), "light2": (2, 10), "medium1": (2, 15), "medium2": (2, 15),
            "strong1": (2, 20), "strong2": (2, 20)}
@@ -38,8 +37,8 @@ def get_config(arg=None):
   c.train_split, c.eval_split = ("full[51200:]", "full[:51200]") if i21k else ("train[:99%]", "validation")
   c.image_size = 224
   c.batch_size = c.eval_batch_size = args.batch_size
-  epochs = 90 if args.recipe == "i21k" else 300
-  c.total_steps = epochs * IMAGENET_TRAIN[c.dataset] // args.batch_size
+  # Epochs of the train split (its size is read from the data set at start).
+  c.total_steps, c.total_epochs = None, 90 if args.recipe == "i21k" else 300
   c.warmup_steps = 10_000
   c.grad_clip_norm = 1.0
   c.b1, c.b2 = 0.9, 0.999

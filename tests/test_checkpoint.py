@@ -1,7 +1,5 @@
 """Orbax checkpoints: restore onto other meshes, corrupt checkpoints, config checks, vit_jax.restore."""
 import logging
-import os
-import pathlib
 
 import jax
 import numpy as np
@@ -10,9 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 import vit_jax
 from vit_jax.train import checkpoint as ckpt_lib
-from vit_jax.train import optim, sharding as shd, state as state_lib, trainer
-
-from test_train import initial_variables, load_config, with_random_head
+from vit_jax.train import config_base, optim, sharding as shd, state as state_lib, trainer
 
 
 def mesh_of(data, fsdp, tensor):
@@ -24,7 +20,7 @@ def mlp_kernel(state):
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(load_config, initial_variables):
   config = load_config()
   config.model.hidden_size = 64  # FSDP over 8 devices shards `embed` (64 / 8)
   model = trainer.build_model(config)
@@ -92,7 +88,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, setup, c
   assert ckpt_lib.Checkpointer(str(tmp_path)).steps() == [1, 2]
 
 
-def test_checkpoint_of_another_config_is_named(tmp_path, setup):
+def test_checkpoint_of_another_config_is_named(tmp_path, setup, load_config):
   config, model, tx, state = setup
   saver = ckpt_lib.Checkpointer(str(tmp_path))
   saver.save(1, state, {}, config)
@@ -127,7 +123,7 @@ def test_vit_jax_restore_gives_a_ready_model(tmp_path, setup):
     vit_jax.restore(str(tmp_path / "nothing"))
 
 
-def test_predict_cli_restores_a_workdir(tmp_path, setup, capsys):
+def test_predict_cli_restores_a_workdir(tmp_path, setup, capsys, with_random_head):
   """`python -m vit_jax.predict --workdir` prints the restored model's own top-5 probabilities."""
   from PIL import Image
   from vit_jax import predict
@@ -147,3 +143,13 @@ def test_predict_cli_restores_a_workdir(tmp_path, setup, capsys):
   top5 = np.argsort(-probs)[:5]
   assert [int(row[1]) for row in printed] == top5.tolist()
   np.testing.assert_allclose([float(row[0]) for row in printed], probs[top5], atol=1e-4)
+
+
+def test_keys_added_since_a_checkpoint_count_as_their_defaults():
+  current = ckpt_lib.config_to_json(config_base.base_config())
+  saved = {k: v for k, v in current.items() if k != "total_epochs"}  # written before the key existed
+  assert ckpt_lib.config_differences(saved, current) == []
+  changed = dict(current, total_epochs=3, total_steps=None)
+  assert ckpt_lib.config_differences(saved, changed) == [
+      f"total_epochs: checkpoint {current['total_epochs']!r}, now 3",
+      f"total_steps: checkpoint {current['total_steps']!r}, now None"]

@@ -204,3 +204,23 @@ def test_tfds_mock_cifar10():
     evaluation = list(data.get_dataset("cifar10", "test", batch_size=10, image_size=24, train=False,
                                        process_index=0, process_count=1))
     assert [int(b["mask"].sum()) for b in evaluation] == [10, 10, 4]
+
+
+def test_importing_data_and_the_trainer_loads_no_tensorflow():
+  """TensorFlow loads when a tf.data pipeline is built, not on `import vit_jax.data` (synthetic runs, mixup)."""
+  import subprocess
+  import sys
+  code = ("import sys, vit_jax.data, vit_jax.data.mixup, vit_jax.data.synthetic, vit_jax.train.trainer; "
+          "assert vit_jax.data.num_examples('synthetic', 'train') > 0; print('tensorflow' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "False"
+
+
+def test_synthetic_source_sizes():
+  source = data.get_source("synthetic")
+  from vit_jax.data import synthetic
+  assert source.num_examples("train") == synthetic.NUM_TRAIN_EXAMPLES
+  assert source.num_examples("test") == synthetic.NUM_EVAL_EXAMPLES
+  with pytest.raises(ValueError, match="needs config.num_classes > 0"):
+    data.num_classes("synthetic")

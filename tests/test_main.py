@@ -10,9 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from vit_jax.train import checkpoint as ckpt_lib, trainer
-
-from test_train import load_config
+from vit_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -112,7 +110,7 @@ def test_resume_after_sigterm_and_sigkill_gives_the_same_losses(tmp_path):
   assert any(p.name.startswith("events.out.tfevents") for p in workdir.iterdir())  # TensorBoard
 
 
-def test_two_processes_equal_one(tmp_path):
+def test_two_processes_equal_one(tmp_path, load_config):
   """2 processes x 2 devices (launch/local.sh, gloo) == 1 process x 4 devices: same losses and accuracy."""
   steps = 6
   config = load_config()
@@ -141,7 +139,7 @@ def test_two_processes_equal_one(tmp_path):
   assert committed_steps(tmp_path / "two") == [steps]
 
 
-def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
+def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, load_config):
   config = load_config()
   config.optimizer, config.lr, config.warmup_steps, config.grad_clip_norm = "sgd", 1e12, 0, 0.0
   config.checkpoint_every, config.mesh.data = 1, 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import labels, predict
+from vit_jax import cli, labels, predict
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "vit"
 TINY = ["--model", "ViT-B_16", "--image-size", "32", "--model-option", "patch_size=8",
@@ -82,5 +82,29 @@ def test_bad_invocations(tmp_path):
     predict.parse_args(["x.jpg", "--model", "ViT-B_16"])  # no weights
   with pytest.raises(SystemExit, match="cannot read image"):
     predict.main(TINY + ["--weights", str(FIX / "plain_token.official.npz"), str(tmp_path / "missing.jpg")])
-  with pytest.raises(SystemExit, match="KEY=VALUE"):
-    predict.model_options(["depth"])
+  with pytest.raises(SystemExit, match="--model-option expects KEY=VALUE"):
+    predict.main(TINY + ["--model-option", "depth", "--weights", str(FIX / "plain_token.official.npz"),
+                         str(tmp_path / "x.jpg")])
+
+
+def test_key_value_options():
+  assert cli.parse_key_values(["depth=2", "classifier=gap", "approximate_gelu=False", "patch_size=(4, 4)"],
+                              "--model-option") == {"depth": 2, "classifier": "gap", "approximate_gelu": False,
+                                                    "patch_size": (4, 4)}
+  for bad in ("depth", "=2"):
+    with pytest.raises(ValueError, match="--set expects KEY=VALUE"):
+      cli.parse_key_values([bad], "--set")
+
+
+def test_input_settings_come_from_the_released_weights():
+  # Official ViT: plain resize to [-1, 1]; CrossViT (IBM/timm): ImageNet mean/std, crop 0.875;
+  # MaxViT: ImageNet mean/std at 224 (crop 0.95), [-1, 1] and resize only at 384.
+  vit = predict.input_settings("ViT-B_16", (224, 224))
+  assert (vit.normalization, vit.crop_pct, vit.num_classes) == ("minus_one_one", 1.0, 21843)
+  assert predict.input_settings("ViT-B_16", (384, 384)).num_classes == 1000
+  crossvit = predict.input_settings("CrossViT-S", (240, 240))
+  assert (crossvit.normalization, crossvit.crop_pct, crossvit.timm_name) == ("imagenet", 0.875,
+                                                                           "crossvit_small_240.in1k")
+  maxvit_224, maxvit_384 = (predict.input_settings("MaxViT-T", (s, s)) for s in (224, 384))
+  assert (maxvit_224.normalization, maxvit_224.crop_pct) == ("imagenet", 0.95)
+  assert (maxvit_384.normalization, maxvit_384.crop_pct) == ("minus_one_one", 1.0)

@@ -1,9 +1,6 @@
 """Sharded training on 8 simulated CPU devices: meshes, accumulation, precision, schedules, bad input."""
-import importlib.util
 import math
-import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,16 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from vit_jax.train import optim, sharding as shd, state as state_lib, step as step_lib, trainer
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(name="testing", arg=None):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
+from vit_jax.data import device
+from vit_jax.train import config_base, optim, sharding as shd, state as state_lib, step as step_lib, trainer
 
 
 def fixed_batches(n, batch=16, size=8, classes=10, seed=0):
@@ -29,18 +18,8 @@ def fixed_batches(n, batch=16, size=8, classes=10, seed=0):
            "label": rng.integers(0, classes, batch).astype(np.int32)} for _ in range(n)]
 
 
-def initial_variables(config):
-  """One random initialisation (compiled once, on one device) shared by all meshes of a test."""
-  model = trainer.build_model(config)
-  init = jax.jit(lambda: model.init(jax.random.key(config.seed), jnp.zeros((1, 8, 8, 3))))
-  return jax.device_get(nn.meta.unbox(init()))
-
-
-def with_random_head(variables, seed):
-  """A zero-initialised head ties every class (loss ln(k) whatever the input); a random one lets outputs differ."""
-  rng = np.random.default_rng(seed)
-  head = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in variables["params"]["head"].items()}
-  return {**variables, "params": {**variables["params"], "head": head}}
+def to_global(batch, mesh, keys=shd.TRAIN_KEYS):
+  return device.to_global(batch, shd.batch_shardings(mesh, keys))
 
 
 def run_steps(config, mesh_sizes, batches, variables=None):
@@ -53,7 +32,7 @@ def run_steps(config, mesh_sizes, batches, variables=None):
   train_step = step_lib.make_train_step(model, tx, lr, mesh, shardings, accum_steps=config.accum_steps)
   losses = []
   for batch in batches:
-    state, metrics = train_step(state, trainer.to_global(batch, mesh, ("image", "label")))
+    state, metrics = train_step(state, to_global(batch, mesh))
     losses.append(float(metrics["train_loss"]))
   return np.array(losses), state
 
@@ -61,7 +40,7 @@ def run_steps(config, mesh_sizes, batches, variables=None):
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
 
-def equivalence_config():
+def equivalence_config(load_config):
   config = load_config()
   # adamw with a larger eps: Adam divides by sqrt(v), which would blow float noise in near-zero
   # gradients up to visible differences between reduction orders.
@@ -70,9 +49,9 @@ def equivalence_config():
 
 
 @pytest.fixture(scope="module")
-def mesh_runs():
+def mesh_runs(load_config, initial_variables):
   """The same 5 steps (same init, same batches) on every mesh: {mesh: (losses, params, state)}."""
-  config = equivalence_config()
+  config = equivalence_config(load_config)
   batches = fixed_batches(5)
   variables = initial_variables(config)
   results = {}
@@ -113,10 +92,10 @@ def test_meshes_give_the_same_training(mesh_runs):
   assert mlp.addressable_shards[0].data.shape == (32 // 2, 64 // 2)
 
 
-def test_gradient_accumulation_equals_one_big_batch(mesh_runs):
+def test_gradient_accumulation_equals_one_big_batch(mesh_runs, load_config):
   """accum_steps=4 (4 micro-batches of 4) equals the batch of 16 in one step, on the (2,2,2) mesh."""
   variables, batches, results = mesh_runs
-  config = equivalence_config()
+  config = equivalence_config(load_config)
   config.accum_steps = 4
   with jax.default_matmul_precision("highest"):
     losses, state = run_steps(config, (2, 2, 2), batches, variables)
@@ -125,7 +104,7 @@ def test_gradient_accumulation_equals_one_big_batch(mesh_runs):
   assert_params_close(jax.device_get(state.params), expected_params, "accum_steps=4")
 
 
-def test_bfloat16_compute_keeps_float32_params_and_optimizer_state():
+def test_bfloat16_compute_keeps_float32_params_and_optimizer_state(load_config, initial_variables):
   config = load_config()
   config.model.dtype = "bfloat16"
   losses, state = run_steps(config, (1, 1, 1), fixed_batches(2), initial_variables(config))
@@ -194,7 +173,7 @@ class _CompileCounter:
     (dict(model=dict(name="ViT-B16")), "Unknown model 'ViT-B16'. Did you mean 'ViT-B_16'"),
     (dict(optimizer="adamm"), "unknown optimizer 'adamm'"),
 ])
-def test_bad_input_fails_at_start_before_compiling(tmp_path, change, message):
+def test_bad_input_fails_at_start_before_compiling(tmp_path, change, message, load_config):
   config = load_config()
   with config.unlocked():
     for key, value in change.items():
@@ -208,7 +187,7 @@ def test_bad_input_fails_at_start_before_compiling(tmp_path, change, message):
   assert counter.count == 0
 
 
-def test_pretrained_weights_start_the_run(tmp_path):
+def test_pretrained_weights_start_the_run(tmp_path, load_config, initial_variables):
   """config.pretrained: an .npz of another class count and resolution loads with a zero head and a
   resized position embedding, directly into the sharded state."""
   from vit_jax.weights.core import flatten
@@ -220,11 +199,8 @@ def test_pretrained_weights_start_the_run(tmp_path):
 
   config = load_config()
   config.image_size, config.pretrained = 16, str(path)  # 4x4 -> 8x8 patch grid, 5 -> 10 classes
-  mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-  trainer.validate(config)
-  model = trainer.build_model(config)
-  tx, _ = optim.make_optimizer(config)
-  state = trainer.initial_state(config, model, tx, mesh)
+  config.mesh.data, config.mesh.fsdp = 2, 4
+  state = trainer.initial_state(config, trainer.validate(config))
   params = state.params
   assert params["head"]["kernel"].shape == (32, 10) and not np.any(np.asarray(params["head"]["kernel"]))
   assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 1 + 8 * 8, 32)
@@ -237,7 +213,7 @@ def test_pretrained_weights_start_the_run(tmp_path):
                                 variables["params"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"])
 
 
-def test_scan_and_batchnorm_models_get_shardings():
+def test_scan_and_batchnorm_models_get_shardings(load_config):
   """Scanned layers (leading 'layers' axis, replicated) and MaxViT's batch_stats are part of the state."""
   mesh = shd.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   config = load_config()
@@ -263,28 +239,33 @@ def test_scan_and_batchnorm_models_get_shardings():
     ("vit_pretrain", "recipe=augreg_i1k,model=ViT-S_16,aug=medium2"), ("crossvit", "model=CrossViT-15"),
     ("maxvit", "model=MaxViT-T"),
 ])
-def test_recipe_configs_build(name, arg):
+def test_recipe_configs_build(name, arg, load_config):
   """Every recipe names a real model, a valid optimiser/schedule and a model-compatible image size."""
   config = load_config(name, arg)
   config.num_classes = 10 if config.dataset == "digits" else 1000
+  total, warmup = config_base.training_steps(config, train_examples=1_281_167 * 99 // 100)  # a train split
+  assert 0 <= warmup < total
   model = trainer.build_model(config)
-  tx, lr = optim.make_optimizer(config)
+  tx, lr = optim.make_optimizer(config, total, warmup)
   abstract, _ = state_lib.state_shardings(model, tx, shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
   assert jax.tree.leaves(abstract.params)
-  assert float(lr(config.warmup_steps)) == pytest.approx(config.lr, rel=1e-3)
+  assert float(lr(warmup)) == pytest.approx(config.lr, rel=1e-3)
+  if name == "maxvit":  # stochastic depth of the paper, from the registry's variant
+    assert model.drop_path_rate == 0.2 and total == 300 * (1_281_167 * 99 // 100) // 4096
   if name == "vit_finetune":
     assert config.optimizer == "sgd" and config.momentum == 0.9 and config.grad_clip_norm == 1.0
     assert config.batch_size == 512 and config.image_size == 384 and config.decay_type == "cosine"
 
 
-def test_recipe_arguments_are_checked():
+def test_recipe_arguments_are_checked(load_config):
   with pytest.raises(ValueError, match="unknown config argument 'modle'"):
     load_config("vit_finetune", "modle=ViT-B_16")
   with pytest.raises(ValueError, match="no fine-tuning preset for dataset 'cifar_10'"):
     load_config("vit_finetune", "dataset=cifar_10")
 
 
-def test_eval_step_counts_top1_and_top5_once_and_ignores_padding():
+def test_eval_step_counts_top1_and_top5_once_and_ignores_padding(load_config, initial_variables,
+                                                                 with_random_head):
   config = load_config()
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   model = trainer.build_model(config)
@@ -295,7 +276,7 @@ def test_eval_step_counts_top1_and_top5_once_and_ignores_padding():
   batch = fixed_batches(1, batch=16, seed=4)[0]
   batch["mask"] = np.arange(16) < 11  # the last 5 rows are padding
   sums = step_lib.make_eval_step(model, mesh, shardings)(
-      state, trainer.to_global(batch, mesh, ("image", "label", "mask")))
+      state, to_global(batch, mesh, shd.EVAL_KEYS))
   with jax.default_matmul_precision("highest"):
     logits = np.asarray(model.apply(variables, batch["image"], train=False))[:11]
   labels = batch["label"][:11]
@@ -306,7 +287,7 @@ def test_eval_step_counts_top1_and_top5_once_and_ignores_padding():
   assert float(sums["correct_top5"]) > float(sums["correct"])  # the two counts are really different
 
 
-def test_mixup_and_cutmix_inside_the_train_step():
+def test_mixup_and_cutmix_inside_the_train_step(load_config, initial_variables, with_random_head):
   config = load_config()
   config.lr, config.warmup_steps = 1e-2, 0
   mesh = shd.make_mesh({"data": 2, "fsdp": 1, "tensor": 1})
@@ -314,7 +295,7 @@ def test_mixup_and_cutmix_inside_the_train_step():
   tx, lr = optim.make_optimizer(config)
   _, shardings = state_lib.state_shardings(model, tx, mesh)
   variables = with_random_head(initial_variables(config), 5)  # so that mixing changes the loss
-  batch = trainer.to_global(fixed_batches(1)[0], mesh, ("image", "label"))
+  batch = to_global(fixed_batches(1)[0], mesh)
 
   def first_loss(mixup):
     state = state_lib.create_train_state(model, tx, mesh, config.seed, variables)
@@ -328,3 +309,26 @@ def test_mixup_and_cutmix_inside_the_train_step():
   cut = first_loss({"mixup_alpha": 0.0, "cutmix_alpha": 1000.0, "switch_prob": 0.5})
   assert np.isfinite(mixed) and abs(mixed - plain) > 1e-3
   assert np.isfinite(cut) and abs(cut - plain) > 1e-3 and abs(cut - mixed) > 1e-3
+
+
+def test_durations_in_steps_epochs_or_examples(load_config):
+  """total_/warmup_ in steps, epochs or examples (exactly one form each), resolved from the train split's size."""
+  from vit_jax.data import synthetic
+  config = load_config()  # batch 16
+  assert config_base.training_steps(config, 1000) == (20, 2)
+  config.total_steps, config.total_epochs = None, 2.5
+  config.warmup_steps, config.warmup_examples = None, 80
+  assert config_base.training_steps(config, 160) == (25, 5)  # 2.5 x 160 / 16, 80 / 16
+  setup = trainer.validate(config)  # synthetic data: a nominal epoch of NUM_TRAIN_EXAMPLES
+  assert setup.train_examples == synthetic.NUM_TRAIN_EXAMPLES
+  assert (setup.total_steps, setup.warmup_steps) == (int(2.5 * synthetic.NUM_TRAIN_EXAMPLES) // 16, 5)
+  assert float(setup.lr_schedule(5)) == pytest.approx(config.lr)
+  config.total_steps = 10
+  with pytest.raises(ValueError, match="exactly one of total_steps, total_epochs, total_examples"):
+    config_base.training_steps(config, 160)
+  config.total_steps = config.total_epochs = None
+  with pytest.raises(ValueError, match="got none of them"):
+    config_base.training_steps(config, 160)
+  config.total_epochs = 1.0
+  with pytest.raises(ValueError, match="needs the size of the training split"):
+    config_base.training_steps(config)

@@ -82,7 +82,11 @@ def _big_vision(flat):
   pos = flat.pop("Transformer/posembed_input/pos_embedding")
   flat["cls"] = flat["cls"] + pos[:, :1]
   flat["pos_embedding"] = pos[:, 1:]
-  flat = official_npz.loop_to_scan(flat, depth=2)
+  blocks = [k for k in flat if k.startswith("Transformer/encoderblock_")]
+  for rest in {k.split("/", 2)[2] for k in blocks}:
+    flat[f"Transformer/encoderblock/{rest}"] = np.stack([flat[f"Transformer/encoderblock_{i}/{rest}"]
+                                                         for i in range(2)])
+  flat = {k: v for k, v in flat.items() if k not in blocks}
   return {f"params/{k}": v for k, v in flat.items()}
 
 
@@ -213,7 +217,7 @@ def test_checkpoint_of_another_size_names_keys_and_shapes():
 def test_depth_mismatch_names_the_blocks():
   opts, _, _, _, _ = case("plain_token")
   for scan in (False, True):
-    with pytest.raises(core.CheckpointMismatchError, match=r"has 2 encoder blocks .* the model has depth=1"):
+    with pytest.raises(core.CheckpointMismatchError, match=r"has 2 params/Transformer/encoderblock_\* layers .* the model has 1"):
       vit_jax.load_pretrained(FIX / "plain_token.safetensors", model="ViT-B_16", **dict(opts, depth=1, scan=scan))
 
 

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
   # Heavier pieces (TensorFlow for data, Orbax for restore) load only when used.
   if name == "restore":
-    from vit_jax.train.checkpoint import restore
+    from vit_jax.predict import restore
     return restore
   if name == "data":
     import importlib

@@ -54,7 +54,7 @@ def print_predictions(workdir: str, config, count: int) -> None:
   from vit_jax.train import trainer
 
   model, variables, saved = vit_jax.restore(workdir)
-  if "cache" in saved.get("input_eval", {}):
+  if "cache" in saved.input_eval:
     saved.input_eval.cache = False  # one batch is read; a cache would be left half-filled
   batch = next(iter(trainer.eval_iterator(saved, saved.num_classes)))
   images, labels = batch["image"][:count], batch["label"][:count]
@@ -83,7 +83,7 @@ def main(argv):
   if jax.process_index() == 0:
     summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     print(f"Done: {summary}", flush=True)
-  if not result.get("preempted") and config.get("num_predictions", 0) and jax.process_index() == 0:
+  if not result.get("preempted") and config.num_predictions and jax.process_index() == 0:
     print_predictions(FLAGS.workdir, config, config.num_predictions)
 
 

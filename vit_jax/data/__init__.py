@@ -21,19 +21,47 @@ Public entry point (other tools rely on it):
   train=False: one pass in fixed order, each example once; the last batch is padded
   (mask False) and every process yields the same number of batches (`it.num_batches`).
 - Undecodable images are dropped and counted in the log, never a crash mid-epoch.
-- `num_examples(name, split)`, `num_classes(name)`, `known_datasets()`.
+- `get_source(name)` opens a data set once (`.num_classes`, `.num_examples(split)`; pass it
+  to `get_dataset(..., source=)`); `num_examples(name, split)`, `num_classes(name)`,
+  `known_datasets()`.  "synthetic" (`vit_jax.data.synthetic`) answers without TensorFlow.
 - `prefetch_to_device(iterator, size, sharding)`: global jax.Arrays from per-process batches.
 - `vit_jax.data.mixup.mix(rng, images, labels_onehot, mixup_alpha=..., cutmix_alpha=...)`: in the train step.
-"""
-from vit_jax.data.pipeline import DatasetIterator, get_dataset, num_classes, num_examples
-from vit_jax.data.sources import known_datasets
 
-__all__ = ["DatasetIterator", "get_dataset", "num_classes", "num_examples", "known_datasets",
+Importing this package loads no TensorFlow: the tf.data modules load on first use.
+"""
+import importlib
+from typing import Optional
+
+__all__ = ["DatasetIterator", "get_dataset", "get_source", "num_classes", "num_examples", "known_datasets",
            "prefetch_to_device"]
+
+# name -> submodule that defines it (imported on first access: pipeline and sources import TensorFlow).
+_LAZY = {"DatasetIterator": "pipeline", "get_dataset": "pipeline", "known_datasets": "sources",
+         "prefetch_to_device": "device"}
+
+
+def get_source(name: str, data_dir: Optional[str] = None, **kwargs):
+  """The data set `name`, opened once: `.num_classes`, `.num_examples(split)` (TFDS, folder or synthetic).
+
+  kwargs (TFDS only): manual_dir, download.
+  """
+  from vit_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  if name == synthetic.NAME:
+    return synthetic.SyntheticSource()
+  from vit_jax.data import sources  # pylint: disable=g-import-not-at-top
+  return sources.get_source(name, data_dir, **kwargs)
+
+
+def num_examples(name: str, split: str, data_dir: Optional[str] = None) -> int:
+  """Number of examples in the whole `split` (all processes together)."""
+  return get_source(name, data_dir).num_examples(split)
+
+
+def num_classes(name: str, data_dir: Optional[str] = None) -> int:
+  return get_source(name, data_dir).num_classes
 
 
 def __getattr__(name):
-  if name == "prefetch_to_device":
-    from vit_jax.data.device import prefetch_to_device  # pylint: disable=g-import-not-at-top
-    return prefetch_to_device
+  if name in _LAZY:
+    return getattr(importlib.import_module(f"vit_jax.data.{_LAZY[name]}"), name)
   raise AttributeError(f"module 'vit_jax.data' has no attribute {name!r}")

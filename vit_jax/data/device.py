@@ -1,19 +1,22 @@
-"""Host batches -> global jax.Arrays, a few batches ahead (multi-process aware)."""
+"""Host batches -> global jax.Arrays, a few batches ahead (multi-process aware; the train loop's input)."""
 import collections
 from typing import Any, Iterator
 
 import jax
+import numpy as np
 
 
 def to_global(batch: dict, sharding) -> dict:
-  """Per-process numpy batch -> global jax.Arrays (`sharding`: one Sharding, or a pytree of them).
+  """Per-process numpy batch -> global jax.Arrays.
 
-  Every process passes its own part (first axis = per-process batch); the global
-  batch is their concatenation in process order.
+  `sharding`: one Sharding for every array of `batch`, or a dict key -> Sharding
+  (then only those keys are transferred, e.g. no `mask` for training).  Every
+  process passes its own part (first axis = per-process batch); the global batch
+  is their concatenation in process order.
   """
   if isinstance(sharding, jax.sharding.Sharding):
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-  return jax.tree.map(lambda s, x: jax.make_array_from_process_local_data(s, x), sharding, batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+  return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k])) for k, s in sharding.items()}
 
 
 class PrefetchIterator:

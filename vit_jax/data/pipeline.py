@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from vit_jax.data import preprocess, sources
+from vit_jax.models.layers import to_2tuple
 
 # tf.data runs on the host: keep TensorFlow off the accelerators JAX uses (a GPU build of
 # TensorFlow would otherwise reserve GPU memory).
@@ -49,28 +50,12 @@ RECIPE_DEFAULTS = {"crop_train": "inception", "crop_eval": "resize", "flip": Tru
 DATASET_DEFAULTS = {"digits": {"crop_train": "resize", "flip": False}}
 
 
-def _pair(size) -> tuple[int, int]:
-  if isinstance(size, int):
-    return (size, size)
-  h, w = size
-  return (int(h), int(w))
-
-
 def _process(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   return int(process_index), int(process_count)
-
-
-def num_examples(name: str, split: str, data_dir: Optional[str] = None) -> int:
-  """Number of examples in the whole `split` (all processes together)."""
-  return sources.get_source(name, data_dir).num_examples(split)
-
-
-def num_classes(name: str, data_dir: Optional[str] = None) -> int:
-  return sources.get_source(name, data_dir).num_classes
 
 
 class DatasetIterator:
@@ -151,7 +136,7 @@ def get_dataset(name: str, split: str, *, batch_size: int, image_size, train: bo
                 area_range=(0.05, 1.0), normalization: str = "minus_one_one",
                 shuffle_buffer: int = 50_000, cache: bool = False, prefetch: int = 2,
                 num_parallel_calls: int = tf.data.AUTOTUNE, manual_dir: Optional[str] = None,
-                download: bool = True) -> DatasetIterator:
+                download: bool = True, source=None) -> DatasetIterator:
   """Input pipeline for `name` (TFDS name, `digits`, `imagenet21k/<config>`, `folder:<path>`).
 
   Args:
@@ -171,13 +156,15 @@ def get_dataset(name: str, split: str, *, batch_size: int, image_size, train: bo
       memory: ~110 kB each for ImageNet JPEGs); random-access sources need none.
     cache: keep the undecoded split in memory (only for small data sets).
     manual_dir: where manually downloaded archives are (imagenet21k, imagenet2012).
+    source: `name` already opened (`vit_jax.data.get_source`); then data_dir, manual_dir and
+      download are not used.
   Returns:
     DatasetIterator of dicts: image float32 [b, h, w, 3], label int32 [b], mask bool [b].
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   process_index, process_count = _process(process_index, process_count)
-  image_size = _pair(image_size)
+  image_size = to_2tuple(image_size)
   defaults = {**RECIPE_DEFAULTS, **DATASET_DEFAULTS.get(name.split("/")[0].split(":")[0], {})}
   crop = crop or (defaults["crop_train"] if train else defaults["crop_eval"])
   flip = defaults["flip"] if flip is None else flip
@@ -185,9 +172,7 @@ def get_dataset(name: str, split: str, *, batch_size: int, image_size, train: bo
   if randaugment is not None and len(randaugment) != 2:
     raise ValueError(f"randaugment must be (num_layers, magnitude), e.g. (2, 15); got {randaugment!r}.")
 
-  if name.startswith(sources.FOLDER_PREFIX):
-    source = sources.get_source(name)
-  else:
+  if source is None:
     source = sources.get_source(name, data_dir, manual_dir=manual_dir, download=download)
   # Training drops the remainder so that every process has an equal share (and epochs in step).
   sub_split = source.process_split(split, process_index, process_count, drop_remainder=train)

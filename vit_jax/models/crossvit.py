@@ -462,4 +462,6 @@ registry.register_family(registry.Family(
     name="crossvit", module=CrossViT, variants=VARIANTS,
     converters=("vit_jax.weights.timm.crossvit", "vit_jax.weights.ibm"),
     timm_names=TIMM_NAMES, pretrained={name: _pretrained(name) for name in VARIANTS},
+    timm_kwargs=registry.regularisation_only({"drop_rate": "dropout_rate", "attn_drop_rate": "attention_dropout_rate",
+                                              "drop_path_rate": "drop_path_rate"}),
     head=("head_0", "head_1"), posemb_resize="bicubic"))

@@ -86,37 +86,6 @@ def relative_bias(table: jax.Array, window: tuple[int, int]) -> jax.Array:
   return table[:, row, col]
 
 
-def _tf_bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] interpolation matrix of TF2 bilinear resize (half-pixel centres, edge clamp)."""
-  # Positions rounded to float32 as TF computes them (the official model resized on the fly).
-  scale = np.float32(n_in) / np.float32(n_out)
-  position = ((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)).astype(np.float64)
-  floor = np.floor(position)
-  lower = np.clip(floor, 0, n_in - 1).astype(int)
-  upper = np.clip(np.ceil(position), 0, n_in - 1).astype(int)
-  frac = position - floor
-  matrix = np.zeros((n_out, n_in))
-  np.add.at(matrix, (np.arange(n_out), lower), 1 - frac)
-  np.add.at(matrix, (np.arange(n_out), upper), frac)
-  return matrix
-
-
-def resize_relative_bias(table, new_window: tuple[int, int]) -> np.ndarray:
-  """Resizes a [heads, 2ph-1, 2pw-1] table (numpy, at load time) to the window `new_window`.
-
-  TF2 `tf.image.resize` bilinear (half-pixel centres, no antialiasing), which
-  is what the official code applies when it fine-tunes at 384/512 from the
-  13x13 tables of 224 (sample positions rounded to float32 as in TF).
-  """
-  table = np.asarray(table, np.float64)
-  _, h, w = table.shape
-  nh, nw = 2 * new_window[0] - 1, 2 * new_window[1] - 1
-  if (h, w) == (nh, nw):
-    return table.astype(np.float32)
-  rows, cols = _tf_bilinear_matrix(h, nh), _tf_bilinear_matrix(w, nw)
-  return np.einsum("oh,nhw,pw->nop", rows, table, cols).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------- sizes
 
 def drop_path_rates(rate: float, depths: Sequence[int]) -> list[float]:
@@ -459,4 +428,5 @@ registry.register_family(registry.Family(
     name="maxvit", module=MaxViT, variants=MODEL_CONFIGS,
     converters=("vit_jax.weights.timm.maxvit", "vit_jax.weights.tf_maxvit"),
     timm_names=TIMM_NAMES, pretrained={name: _pretrained(name) for name in MODEL_CONFIGS},
+    timm_kwargs=registry.regularisation_only({"drop_rate": "dropout_rate", "drop_path_rate": "drop_path_rate"}),
     head=("head",), posemb_resize="bilinear"))

@@ -10,6 +10,9 @@ know about a family, so that nothing else branches on its name:
   timm_names    model name -> timm architecture at the native resolution (benchmarks, export)
   pretrained    model name -> the released weights' input settings (`PretrainedCfg`, as timm's
                 `pretrained_cfg`): image size, crop, interpolation, mean/std, class count
+  timm_kwargs   (module, names of overridden fields) -> keyword arguments of `timm.create_model` that
+                build the same architecture and regularisation (the bench's `--vs timm`); raises
+                ValueError for overrides timm cannot express
   head          top-level head modules, replaced by a zero head for a new class count
   posemb_resize the family's default position-embedding resize ('bilinear' as the official ViT
                 code, 'bicubic' as timm / the official CrossViT code)
@@ -24,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -32,8 +35,9 @@ import jax.numpy as jnp
 
 from vit_jax.models import layers
 
-# Families import lazily (they import this module) so that `import vit_jax` stays cheap.
-FAMILY_MODULES = ("vit_jax.models.vit", "vit_jax.models.crossvit", "vit_jax.models.maxvit")
+# Every other module of vit_jax.models is a family file; they import lazily (they import this
+# module) so that `import vit_jax` stays cheap.
+_NOT_FAMILIES = ("layers", "registry")
 
 # timm's IMAGENET_DEFAULT_* and IMAGENET_INCEPTION_* (the [-1, 1] range of the official ViT/MaxViT).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -70,6 +74,7 @@ class Family:
   converters: tuple[str, ...] = ()
   timm_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
   pretrained: Mapping[str, tuple[PretrainedCfg, ...]] = dataclasses.field(default_factory=dict)
+  timm_kwargs: Callable[[nn.Module, set[str]], dict[str, Any]] | None = None
   head: tuple[str, ...] = ("head",)
   posemb_resize: str = "bilinear"
 
@@ -100,8 +105,11 @@ def register_family(family: Family) -> Family:
 def _load_families() -> None:
   global _loaded
   if not _loaded:
-    for module_name in FAMILY_MODULES:
-      importlib.import_module(module_name)
+    import pkgutil
+    from vit_jax import models
+    for info in pkgutil.iter_modules(models.__path__):
+      if info.name not in _NOT_FAMILIES:
+        importlib.import_module(f"vit_jax.models.{info.name}")
     _loaded = True
 
 
@@ -153,6 +161,18 @@ def model_fields(module_cls: type[nn.Module]) -> list[str]:
 def timm_name(name: str) -> str | None:
   """timm's architecture name for the model `name` at its native resolution (None: timm has none)."""
   return get_family(name).timm_names.get(name)
+
+
+def regularisation_only(timm_rates: Mapping[str, str]) -> Callable[[nn.Module, set[str]], dict[str, Any]]:
+  """A `timm_kwargs` for a family whose timm models take our rates (timm name -> our field) and no
+  architecture options: the registered variants only."""
+  def kwargs(model: nn.Module, overridden: set[str]) -> dict[str, Any]:
+    architecture = sorted(set(overridden) - set(timm_rates.values()) - {"dtype", "param_dtype"})
+    if architecture:
+      raise ValueError(f"timm's {type(model).__name__} models take no architecture options; "
+                       f"{architecture} cannot be matched there.")
+    return {theirs: float(getattr(model, ours)) for theirs, ours in timm_rates.items() if getattr(model, ours)}
+  return kwargs
 
 
 def pretrained_cfgs(name: str) -> tuple[PretrainedCfg, ...]:

@@ -408,8 +408,25 @@ def _pretrained(name: str) -> tuple[registry.PretrainedCfg, ...]:
   return official + timm
 
 
+_TIMM_RATES = {"drop_path_rate": "drop_path_rate", "proj_drop_rate": "dropout_rate",
+               "pos_drop_rate": "dropout_rate", "attn_drop_rate": "attention_dropout_rate"}
+
+
+def _timm_kwargs(model: VisionTransformer, overridden: set[str]) -> dict[str, Any]:
+  """timm's VisionTransformer takes the whole architecture, so overridden (e.g. tiny) plain models match."""
+  if model.resnet is not None:
+    return registry.regularisation_only(_TIMM_RATES)(model, overridden)
+  h, w = layers.to_2tuple(model.image_size)
+  kwargs = dict(img_size=h if h == w else (h, w), patch_size=model.patch_size, embed_dim=model.hidden_size,
+                depth=model.depth, num_heads=model.num_heads, mlp_ratio=model.mlp_dim / model.hidden_size)
+  if model.classifier == "gap":
+    kwargs.update(class_token=False, global_pool="avg")
+  rates = registry.regularisation_only(_TIMM_RATES)(model, set())
+  return dict(kwargs, **rates)
+
+
 registry.register_family(registry.Family(
-    name="vit", module=VisionTransformer, variants=VARIANTS,
+    name="vit", module=VisionTransformer, variants=VARIANTS, timm_kwargs=_timm_kwargs,
     converters=("vit_jax.weights.official_npz", "vit_jax.weights.timm.vit"),
     timm_names=TIMM_NAMES, pretrained={name: _pretrained(name) for name in VARIANTS},
     head=("head",), posemb_resize="bilinear"))

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run, exact resume, and `vit_jax.restore`.
+"""Orbax checkpoints of a training run and exact resume (`vit_jax.restore`, in vit_jax.predict, reads them).
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`:
 
@@ -20,9 +20,10 @@ import shutil
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from vit_jax.train import config_base, multihost
 
 ITEMS = ("state", "data", "config")
 
@@ -46,32 +47,26 @@ def config_to_json(config) -> dict:
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "",
-                       ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
-  """Human-readable list of keys whose value differs between two config dicts."""
+                       ignore: tuple[str, ...] = RESUMABLE_CHANGES, defaults: dict | None = None) -> list[str]:
+  """Human-readable list of keys whose value differs between two config dicts.
+
+  A key the saved config lacks counts as its base-config default (a checkpoint written before the key
+  existed resumes as long as the run keeps that default).
+  """
+  if defaults is None:
+    defaults = config_to_json(config_base.base_config())
   out = []
   for key in sorted(set(saved) | set(current)):
     name = f"{prefix}{key}"
     if name in ignore:
       continue
-    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    a, b = saved.get(key, defaults.get(key, "<absent>")), current.get(key, "<absent>")
     if isinstance(a, dict) and isinstance(b, dict):
-      out += config_differences(a, b, name + ".", ignore)
+      out += config_differences(a, b, name + ".", ignore, defaults.get(key, {}) if isinstance(
+          defaults.get(key), dict) else {})
     elif a != b:
       out.append(f"{name}: checkpoint {a!r}, now {b!r}")
   return out
-
-
-def _gather_json(obj: Any) -> list[Any]:
-  """`obj` (JSON-serialisable) of every process, in process order."""
-  if jax.process_count() == 1:
-    return [obj]
-  from jax.experimental import multihost_utils
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
-  padded = np.zeros(int(np.max(lengths)), np.uint8)
-  padded[:data.size] = data
-  everything = multihost_utils.process_allgather(padded)
-  return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(everything, np.ravel(lengths))]
 
 
 class Checkpointer:
@@ -89,7 +84,7 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: Any, config, *, force: bool = True) -> bool:
     """Starts an (asynchronous) save of `state` at `step`; `data_state` is this process's iterator position."""
-    data_states = _gather_json(data_state)
+    data_states = multihost.allgather_json(data_state)
     args = ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
         data=ocp.args.JsonSave({"process_count": len(data_states), "iterators": data_states}),
@@ -112,21 +107,8 @@ class Checkpointer:
     self.manager.reload()
     return sorted(self.manager.all_steps())
 
-  def latest_step(self) -> int | None:
-    steps = self.steps()
-    return steps[-1] if steps else None
-
   def saved_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-
-  def check_config(self, step: int, config) -> None:
-    """Raises ConfigMismatchError naming every key that differs from the checkpoint's config."""
-    saved = self.saved_config(step)
-    diffs = config_differences(saved, config_to_json(config))
-    if diffs:
-      raise ConfigMismatchError(
-          f"The checkpoint at step {step} in {self.directory} was written by a different run:\n  "
-          + "\n  ".join(diffs) + "\nUse a new --workdir, or pass the original values to resume.")
 
   def restore(self, abstract_state, config, step: int | None = None):
     """(state, this process's data-iterator state or None, step) of the newest readable checkpoint.
@@ -181,48 +163,6 @@ class Checkpointer:
       if os.path.exists(where):
         shutil.rmtree(where)
       shutil.move(os.path.join(self.directory, str(step)), where)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"set_aside_{step}")
+    multihost.sync(f"set_aside_{step}")
     self.manager.reload()
 
-
-def restore(workdir: str, step: int | None = None):
-  """`(model, variables, config)` of a training run's checkpoint, on this machine's devices.
-
-      model, variables, config = vit_jax.restore(workdir)
-      logits = model.apply(variables, images, train=False)
-
-  Only params (and BatchNorm statistics) are read, replicated on the local
-  devices, whatever mesh or device count the training run used.
-  """
-  import ml_collections
-  from vit_jax.train import trainer
-  from vit_jax.train.state import abstract_boxed_variables
-  import flax.linen as nn
-
-  directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {directory}/<step>/); "
-                            "train with `python -m vit_jax.main --workdir ...` first.")
-  manager = ocp.CheckpointManager(directory, item_names=ITEMS,
-                                  options=ocp.CheckpointManagerOptions(create=False))
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ValueError(f"no checkpoint for step {step} in {directory}; available steps: {steps}.")
-  config = ml_collections.ConfigDict(
-      manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
-  model = trainer.build_model(config)
-  variables = nn.meta.unbox(abstract_boxed_variables(model))
-  wanted = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-  device = jax.local_devices()[0]
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                       sharding=jax.sharding.SingleDeviceSharding(device)), wanted)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-  manager.close()
-  return model, dict(restored.state), config

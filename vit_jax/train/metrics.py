@@ -4,6 +4,7 @@ Only process 0 writes files; the others log to their own terminal only.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -43,12 +44,21 @@ class Progress:
   def __init__(self, total_steps: int, global_batch: int, every_secs: float = 5.0, start_step: int = 0):
     self.total, self.batch, self.every = total_steps, global_batch, every_secs
     self.last_time, self.last_step = time.time(), start_step
-    self.paused = 0.0
+    self.paused_secs = 0.0
     self.first = True
 
   def pause(self, seconds: float) -> None:
     """Time spent outside training (evaluation, checkpoint waits) does not count towards img/s."""
-    self.paused += seconds
+    self.paused_secs += seconds
+
+  @contextlib.contextmanager
+  def paused(self):
+    """`with progress.paused(): ...`: the block's time does not count towards img/s."""
+    start = time.time()
+    try:
+      yield
+    finally:
+      self.pause(time.time() - start)
 
   def maybe_report(self, step: int, loss: float, lr: float, force: bool = False) -> None:
     now = time.time()
@@ -57,11 +67,11 @@ class Progress:
         print(f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.3g} | first step done "
               f"(compilation included) in {now - self.last_time:.1f}s", flush=True)
       self.first = False
-      self.last_time, self.last_step, self.paused = now, step, 0.0
+      self.last_time, self.last_step, self.paused_secs = now, step, 0.0
       return
     if not force and now - self.last_time < self.every:
       return
-    elapsed = max(now - self.last_time - self.paused, 1e-9)
+    elapsed = max(now - self.last_time - self.paused_secs, 1e-9)
     steps = step - self.last_step
     steps_per_sec = steps / elapsed
     eta = (self.total - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
@@ -69,4 +79,4 @@ class Progress:
     if jax.process_index() == 0:
       print(f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.3g} | "
             f"{steps_per_sec * self.batch:,.0f} img/s | ETA {eta_text}", flush=True)
-    self.last_time, self.last_step, self.paused = now, step, 0.0
+    self.last_time, self.last_step, self.paused_secs = now, step, 0.0

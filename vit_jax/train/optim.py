@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import optax
 
+from vit_jax.train import config_base
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DECAY_TYPES = ("cosine", "linear", "constant")
 
@@ -51,24 +53,29 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optax transformation, learning-rate schedule) from the training config."""
-  lr = learning_rate_schedule(base_lr=config.lr, total_steps=config.total_steps,
-                              warmup_steps=config.warmup_steps, decay_type=config.decay_type,
-                              linear_end=config.get("linear_end", 1e-5), min_lr=config.get("min_lr", 0.0))
+def make_optimizer(config, total_steps: int | None = None,
+                   warmup_steps: int | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optax transformation, learning-rate schedule) from the training config.
+
+  `total_steps`, `warmup_steps`: the run's durations in steps when already resolved
+  (`config_base.training_steps`); by default config.total_steps and config.warmup_steps.
+  """
+  if total_steps is None or warmup_steps is None:
+    total, warmup = config_base.training_steps(config)
+    total_steps = total if total_steps is None else total_steps
+    warmup_steps = warmup if warmup_steps is None else warmup_steps
+  lr = learning_rate_schedule(base_lr=config.lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                              decay_type=config.decay_type, linear_end=config.linear_end, min_lr=config.min_lr)
   name = config.optimizer
-  wd = float(config.get("weight_decay", 0.0) or 0.0)
+  wd = float(config.weight_decay or 0.0)
   if name == "sgd":
     parts = [optax.add_decayed_weights(wd, mask=_decay_mask)] if wd else []
-    parts.append(optax.sgd(lr, momentum=config.get("momentum", 0.9) or None,
-                           nesterov=bool(config.get("nesterov", False))))
+    parts.append(optax.sgd(lr, momentum=config.momentum or None, nesterov=bool(config.nesterov)))
     tx = optax.chain(*parts)
   elif name in ("adam", "adamw"):
-    tx = optax.adamw(lr, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999), eps=config.get("eps", 1e-8),
-                     weight_decay=wd, mask=_decay_mask)
+    tx = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=wd, mask=_decay_mask)
   else:
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
-  clip = config.get("grad_clip_norm", 0.0)
-  if clip:
-    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  if config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   return tx, lr

@@ -88,6 +88,17 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+# Rank of each array of an input batch: image [B, h, w, 3], label [B], mask [B] (False = padding).
+BATCH_NDIMS = {"image": 4, "label": 1, "mask": 1}
+TRAIN_KEYS = ("image", "label")
+EVAL_KEYS = ("image", "label", "mask")
+
+
+def batch_shardings(mesh: jax.sharding.Mesh, keys: Sequence[str] = TRAIN_KEYS) -> dict[str, NamedSharding]:
+  """{key: sharding} for the arrays `keys` of an input batch, each split over data x fsdp."""
+  return {k: batch_sharding(mesh, BATCH_NDIMS[k]) for k in keys}
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

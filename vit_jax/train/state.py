@@ -6,7 +6,7 @@ RNG key (raw uint32 data so that Orbax stores it as a plain array).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vit_jax.models import registry
 from vit_jax.train import sharding as shd
 
 
@@ -26,29 +27,12 @@ class TrainState:
   rng: jax.Array  # uint32[2] raw key data; per-step keys are fold_in(rng, step)
 
 
-def image_shape(model: nn.Module) -> tuple[int, int]:
-  size = model.image_size
-  return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def _init_variables(model: nn.Module, rng: jax.Array) -> dict:
-  h, w = image_shape(model)
-  images = jnp.zeros((1, h, w, 3), jnp.float32)
-  params_rng, dropout_rng = jax.random.split(rng)
-  return model.init({"params": params_rng, "dropout": dropout_rng}, images, train=False)
-
-
-def abstract_boxed_variables(model: nn.Module) -> dict:
-  """Variable shapes with their logical-partitioning boxes (no memory, no compile)."""
-  return jax.eval_shape(lambda: _init_variables(model, jax.random.key(0)))
-
-
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
   """(abstract TrainState with shardings attached, TrainState of NamedShardings).
 
   Only traces (eval_shape): bad image sizes and the like fail here, before any compilation.
   """
-  boxed = abstract_boxed_variables(model)
+  boxed = registry.abstract_variables(model)
   var_shardings = shd.variable_shardings(boxed, mesh)
   variables = nn.meta.unbox(boxed)
   params = variables["params"]
@@ -65,18 +49,20 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: ja
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                       seed: int, variables: dict | None = None) -> TrainState:
+                       seed: int, variables: dict | None = None, shardings: TrainState | None = None) -> TrainState:
   """A new TrainState created already sharded (jit with out_shardings; no full copy on one device).
 
-  `variables` (e.g. pretrained weights) replace the random initialisation.
+  `variables` (e.g. pretrained weights) replace the random initialisation.  `shardings`: those
+  `state_shardings` returned, when already computed.
   """
-  _, shardings = state_shardings(model, tx, mesh)
+  if shardings is None:
+    _, shardings = state_shardings(model, tx, mesh)
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
   train_rng = jax.random.key_data(train_rng)  # raw uint32[2]: a plain array in the checkpoint
 
   def init(init_rng, train_rng, variables):
     if variables is None:
-      variables = nn.meta.unbox(_init_variables(model, init_rng))
+      variables = nn.meta.unbox(registry.init_variables(model, init_rng))
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       batch_stats=variables.get("batch_stats", {}), rng=train_rng)

@@ -8,8 +8,7 @@ full-batch mean, so accum_steps=k and one big step give the same update.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vit_jax.data import mixup as mixup_lib
 from vit_jax.train import sharding as shd
 from vit_jax.train.state import TrainState
 
@@ -70,7 +70,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
     images = batch["image"]
     targets = soft_targets(batch["label"], num_classes, label_smoothing)
     if mixup:
-      from vit_jax.data import mixup as mixup_lib
       images, targets = mixup_lib.mix(mix_rng, images, targets, **mixup)
 
     if accum_steps == 1:
@@ -104,8 +103,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats)
     return new_state, metrics
 
-  batch_shardings = {"image": shd.batch_sharding(mesh, 4), "label": shd.batch_sharding(mesh, 1)}
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+  return jax.jit(step, in_shardings=(state_shardings, shd.batch_shardings(mesh, shd.TRAIN_KEYS)),
                  out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
 
@@ -130,6 +128,5 @@ def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, state_shardings: T
     return {"correct": jnp.sum(top1 * mask), "correct_top5": jnp.sum(topk * mask),
             "count": jnp.sum(mask), "loss_sum": jnp.sum(loss * mask)}
 
-  batch_shardings = {"image": shd.batch_sharding(mesh, 4), "label": shd.batch_sharding(mesh, 1),
-                     "mask": shd.batch_sharding(mesh, 1)}
-  return jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings), out_shardings=shd.replicated(mesh))
+  return jax.jit(eval_step, in_shardings=(state_shardings, shd.batch_shardings(mesh, shd.EVAL_KEYS)),
+                 out_shardings=shd.replicated(mesh))

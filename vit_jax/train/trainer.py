@@ -2,187 +2,194 @@
 
     train_and_evaluate(config, workdir)
 
-Start-up validates everything that can be checked without compiling (model and
-data set names, mesh vs devices, batch divisibility, image size vs patch size,
-the pretrained file) and fails with a message naming the fix.  Then it resumes
-from the newest checkpoint in `workdir` if there is one, or creates the state
-(already sharded) from scratch or from `config.pretrained`.
+Start-up (`validate`) checks everything that can be checked without compiling
+(model and data set names, mesh vs devices, batch divisibility, durations,
+image size vs patch size, the pretrained file) and fails with a message naming
+the fix; it returns what it computed (`Setup`: mesh, opened data set, class
+count, durations in steps, model, optimiser, state layout), which the run uses
+as is.  Then the run resumes from the newest checkpoint in `workdir` if there is
+one, or creates the state (already sharded) from scratch or from
+`config.pretrained`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
-from vit_jax.models import registry
+from vit_jax import data
+from vit_jax.data import device, synthetic
+from vit_jax.models.layers import to_2tuple
 from vit_jax.train import checkpoint as ckpt_lib
+from vit_jax.train import config_base
 from vit_jax.train import metrics as metrics_lib
+from vit_jax.train import multihost
 from vit_jax.train import optim
 from vit_jax.train import sharding as shd
 from vit_jax.train import state as state_lib
 from vit_jax.train import step as step_lib
-from vit_jax.train import synthetic
+from vit_jax.train.config_base import build_model  # also trainer.build_model, as before
 
-DTYPE_FIELDS = ("dtype", "param_dtype")
+PREFETCH = 2  # batches put on the devices ahead of the step that uses them
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or Inf."""
 
-
-# ----------------------------------------------------------------------------- building blocks
-
-def model_overrides(config) -> dict[str, Any]:
-  """config.model minus `name`, with dtype names turned into dtypes and lists into tuples."""
-  overrides = {}
-  for key, value in config.model.items():
-    if key == "name":
-      continue
-    if key in DTYPE_FIELDS and isinstance(value, str):
-      value = jnp.dtype(value)
-    elif isinstance(value, list):
-      value = tuple(value)
-    overrides[key] = value
-  return overrides
+  def __init__(self, message: str, step: int | None = None, loss: float | None = None):
+    super().__init__(message)
+    self.step, self.loss = step, loss
 
 
-def build_model(config, num_classes: int | None = None):
-  """The model of `config` (config.model.name + overrides, config.image_size, num_classes)."""
-  num_classes = num_classes or config.num_classes
-  if not num_classes or num_classes < 1:
-    raise ValueError("config.num_classes is not set; it is filled from the data set at start.")
-  return registry.get_model(config.model.name, num_classes=num_classes, image_size=config.image_size,
-                            **model_overrides(config))
+# ----------------------------------------------------------------------------- start-up
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What start-up computed, once; the run uses it instead of computing it again."""
+  mesh: jax.sharding.Mesh
+  source: Any  # config.dataset, opened (vit_jax.data.get_source)
+  num_classes: int
+  train_examples: int  # in config.train_split, all processes together
+  total_steps: int
+  warmup_steps: int
+  model: nn.Module
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  abstract_state: state_lib.TrainState  # shapes and dtypes with their shardings (the restore target)
+  shardings: state_lib.TrainState
 
 
-def image_size_of(config) -> tuple[int, int]:
-  size = config.image_size
-  return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def resolve_num_classes(config) -> int:
-  if config.get("num_classes", -1) and config.num_classes > 0:
-    return config.num_classes
-  if config.dataset == "synthetic":
-    raise ValueError("dataset='synthetic' needs config.num_classes > 0.")
-  from vit_jax import data
-  return int(data.num_classes(config.dataset, data_dir=config.get("data_dir") or None))
-
-
-def check_dataset_name(config) -> None:
-  if config.dataset == "synthetic":
-    return
-  from vit_jax import data
+def open_dataset(config):
+  """config.dataset opened once; a data set that cannot be opened raises a ValueError saying so."""
+  options = {k: config.input[k] for k in ("manual_dir", "download") if k in config.input}
   try:
-    data.num_classes(config.dataset, data_dir=config.get("data_dir") or None)
+    return data.get_source(config.dataset, config.data_dir or None, **options)
   except ValueError:
     raise
   except Exception as e:  # e.g. a TFDS DatasetNotFoundError: keep its message, say what to do.
     raise ValueError(f"data set {config.dataset!r} cannot be opened: {e}") from e
 
 
-def validate(config, num_devices: int | None = None) -> jax.sharding.Mesh:
-  """Every check that needs no compilation; returns the mesh.  Raises ValueError naming the fix."""
-  registry.lookup(config.model.name)  # unknown model: error listing the valid names
-  if config.optimizer not in optim.OPTIMIZERS:
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {optim.OPTIMIZERS}.")
-  if config.decay_type not in optim.DECAY_TYPES:
-    raise ValueError(f"unknown decay_type {config.decay_type!r}; choose one of {optim.DECAY_TYPES}.")
-  if config.total_steps < 1:
-    raise ValueError(f"total_steps must be >= 1, got {config.total_steps}.")
-  optim.make_optimizer(config)  # schedule and optimiser options
-  devices = jax.devices() if num_devices is None else jax.devices()[:num_devices]
-  mesh = shd.make_mesh(config.mesh.to_dict(), devices)
+def _dataset_sizes(config, source) -> tuple[int, int]:
+  """(class count, number of training examples) of the opened data set."""
+  num_classes = config.num_classes if config.num_classes > 0 else source.num_classes
+  try:
+    train_examples = source.num_examples(config.train_split)
+  except ValueError:
+    raise
+  except Exception as e:
+    raise ValueError(f"split {config.train_split!r} of data set {config.dataset!r} cannot be read: {e}") from e
+  return int(num_classes), int(train_examples)
+
+
+def _check_batch_sizes(config, mesh) -> None:
   dp = shd.data_parallel_size(mesh)
-  accum = max(int(config.get("accum_steps", 1)), 1)
-  per_step = dp * accum
+  per_step = dp * config.accum_steps
   if config.batch_size % per_step or config.batch_size % jax.process_count():
     raise ValueError(
         f"batch_size={config.batch_size} must be divisible by the data-parallel size ({dp} = data "
-        f"{mesh.shape['data']} x fsdp {mesh.shape['fsdp']}) times accum_steps ({accum}) = {per_step}"
+        f"{mesh.shape['data']} x fsdp {mesh.shape['fsdp']}) times accum_steps ({config.accum_steps}) = {per_step}"
         + (f" and by the {jax.process_count()} processes" if jax.process_count() > 1 else "")
         + f"; use e.g. batch_size={max(per_step, config.batch_size // per_step * per_step)}.")
   if config.eval_batch_size % dp or config.eval_batch_size % jax.process_count():
     raise ValueError(f"eval_batch_size={config.eval_batch_size} must be divisible by the data-parallel "
                      f"size {dp}; use e.g. {max(dp, config.eval_batch_size // dp * dp)}.")
-  pretrained = config.get("pretrained") or ""
+
+
+def validate(config, num_devices: int | None = None) -> Setup:
+  """Every check that needs no compilation; returns what it computed.  Raises ValueError naming the fix.
+
+  The cheap checks come first, so that a typo fails before a data set is opened (or downloaded).
+  """
+  overrides = config_base.check_model(config)  # unknown model or option: the valid names
+  if config.optimizer not in optim.OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {optim.OPTIMIZERS}.")
+  if config.decay_type not in optim.DECAY_TYPES:
+    raise ValueError(f"unknown decay_type {config.decay_type!r}; choose one of {optim.DECAY_TYPES}.")
+  if config.accum_steps < 1:
+    raise ValueError(f"accum_steps must be >= 1, got {config.accum_steps}.")
+  devices = jax.devices() if num_devices is None else jax.devices()[:num_devices]
+  mesh = shd.make_mesh(config.mesh.to_dict(), devices)
+  _check_batch_sizes(config, mesh)
+  pretrained = config.pretrained
   if pretrained and not (os.path.exists(pretrained) or os.path.exists(pretrained + ".index")):
     raise FileNotFoundError(f"config.pretrained={pretrained!r} does not exist; give the path of an official "
                             ".npz, a timm .safetensors/.pth or a TF checkpoint, or '' to train from scratch.")
-  check_dataset_name(config)
-  return mesh
+  source = open_dataset(config)
+  num_classes, train_examples = _dataset_sizes(config, source)
+  total_steps, warmup_steps = config_base.training_steps(config, train_examples)
+  tx, lr_schedule = optim.make_optimizer(config, total_steps, warmup_steps)  # schedule and optimiser options
+  model = build_model(config, num_classes, overrides)  # the model checks its options (e.g. the image size)
+  abstract_state, shardings = state_lib.state_shardings(model, tx, mesh)  # traces the model, no compilation
+  return Setup(mesh=mesh, source=source, num_classes=num_classes, train_examples=train_examples,
+               total_steps=total_steps, warmup_steps=warmup_steps, model=model, tx=tx, lr_schedule=lr_schedule,
+               abstract_state=abstract_state, shardings=shardings)
 
 
 # ----------------------------------------------------------------------------- data
 
-def _iterator(config, num_classes: int, *, train: bool):
-  """This process's share of the training (repeating) or evaluation (one padded pass) split."""
+def _iterator(config, num_classes: int, *, train: bool, source=None):
+  """This process's share of the training (repeating) or evaluation (one padded pass) split, on the host."""
   if train:
-    split, global_batch, options = config.train_split, config.batch_size, config.get("input", {})
+    split, global_batch, options = config.train_split, config.batch_size, config.input
   else:
-    split, global_batch, options = config.eval_split, config.eval_batch_size, config.get("input_eval", {})
+    split, global_batch, options = config.eval_split, config.eval_batch_size, config.input_eval
   pc, pi = jax.process_count(), jax.process_index()
-  if config.dataset == "synthetic":
+  if config.dataset == synthetic.NAME:
     make = synthetic.SyntheticTrain if train else synthetic.synthetic_eval
-    return make(global_batch_size=global_batch, num_classes=num_classes, image_size=image_size_of(config),
+    return make(global_batch_size=global_batch, num_classes=num_classes, image_size=to_2tuple(config.image_size),
                 seed=config.seed, process_index=pi, process_count=pc)
-  from vit_jax import data
   return data.get_dataset(config.dataset, split, batch_size=global_batch // pc, image_size=config.image_size,
-                          train=train, seed=config.seed, data_dir=config.get("data_dir") or None,
-                          process_index=pi, process_count=pc, **dict(options))
+                          train=train, seed=config.seed, data_dir=config.data_dir or None, process_index=pi,
+                          process_count=pc, source=source, **dict(options))
 
 
-def train_iterator(config, num_classes: int):
-  return _iterator(config, num_classes, train=True)
+def train_iterator(config, num_classes: int, source=None):
+  return _iterator(config, num_classes, train=True, source=source)
 
 
-def eval_iterator(config, num_classes: int):
-  return _iterator(config, num_classes, train=False)
+def eval_iterator(config, num_classes: int, source=None):
+  return _iterator(config, num_classes, train=False, source=source)
 
 
-def to_global(batch: dict, mesh: jax.sharding.Mesh, keys: tuple[str, ...]) -> dict:
-  """This process's rows -> global arrays split over (data, fsdp)."""
-  out = {}
-  for k in keys:
-    local = np.asarray(batch[k])
-    out[k] = jax.make_array_from_process_local_data(shd.batch_sharding(mesh, local.ndim), local)
-  return out
-
-
-def evaluate(eval_step, state, config, num_classes: int, mesh) -> dict[str, float]:
+def evaluate(eval_step, state, config, setup: Setup) -> dict[str, float]:
   """Top-1 (and top-5 for >= 100 classes) accuracy over the whole split (padded batches are masked)."""
+  batches = device.prefetch_to_device(eval_iterator(config, setup.num_classes, setup.source), PREFETCH,
+                                      shd.batch_shardings(setup.mesh, shd.EVAL_KEYS))
   sums = None
-  for batch in eval_iterator(config, num_classes):
-    out = eval_step(state, to_global(batch, mesh, ("image", "label", "mask")))
+  for batch in batches:
+    out = eval_step(state, batch)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
   count = float(sums["count"])
   result = {"eval_accuracy": float(sums["correct"]) / count, "eval_loss": float(sums["loss_sum"]) / count,
             "eval_examples": count}
-  if num_classes >= 100:
+  if setup.num_classes >= 100:
     result["eval_top5_accuracy"] = float(sums["correct_top5"]) / count
   return result
 
 
-def initial_state(config, model, tx, mesh) -> state_lib.TrainState:
+def initial_state(config, setup: Setup) -> state_lib.TrainState:
   """A fresh sharded TrainState: random, or from `config.pretrained` (zero-initialised head when the
-  class count differs, position embeddings resized to config.image_size: vit_jax.load_pretrained)."""
+  class count differs, position embeddings resized to config.image_size: weights.core.load_pretrained)."""
   variables = None
-  if config.get("pretrained"):
-    import vit_jax
-    variables = vit_jax.load_pretrained(config.pretrained, model=config.model.name, num_classes=model.num_classes,
-                                        image_size=config.image_size, **model_overrides(config))
-  return state_lib.create_train_state(model, tx, mesh, config.seed, variables)
+  if config.pretrained:
+    from vit_jax.weights import core
+    variables = core.load_pretrained(config.pretrained, model=setup.model)
+  return state_lib.create_train_state(setup.model, setup.tx, setup.mesh, config.seed, variables, setup.shardings)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- loop helpers
 
 class _StopFlag:
   """Set by SIGTERM (preemption); the loop saves a checkpoint at the current step and returns."""
@@ -205,20 +212,70 @@ class _StopFlag:
     del signum, frame
     self.requested = True
 
+  def anywhere(self, step: int, every: int) -> bool:
+    """Whether some process got SIGTERM; with several processes they agree every `every` steps."""
+    if jax.process_count() == 1:
+      return self.requested
+    return step % every == 0 and multihost.any_process(self.requested)
 
-def _any_process(flag: bool) -> bool:
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.array([int(flag)], np.int32))))
+
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+  """Which periodic actions are due after a step: each at the multiples of its period (0: never),
+  and all of them at the last step."""
+  last_step: int
+  periods: dict[str, int]
+
+  def __call__(self, step: int) -> set[str]:
+    return {name for name, every in self.periods.items()
+            if step == self.last_step or (every > 0 and step % every == 0)}
 
 
-def _mixup_config(config) -> dict | None:
-  mix = config.get("mixup")
-  if not mix or not (mix.get("mixup_alpha", 0.0) or mix.get("cutmix_alpha", 0.0)):
-    return None
-  return dict(mix)
+class LaggedMetrics:
+  """The train step's metrics, fetched to the host one step late (while the next step runs), so
+  that reading them never stalls the devices.  Every fetched loss must be finite."""
 
+  def __init__(self):
+    self._pending = None  # (step, metrics on the devices)
+    self._window = []  # host metrics since the last `flush`
+    self.last = None  # host metrics of the newest fetched step
+
+  def push(self, step: int, metrics: dict) -> None:
+    """Holds this step's metrics and fetches the previous step's (raises NonFiniteLossError)."""
+    self._fetch()
+    self._pending = (step, metrics)
+
+  def flush(self) -> dict[str, float]:
+    """Waits for the pending step; the mean loss since the last flush and the newest learning rate and
+    gradient norm."""
+    self._fetch()
+    window, self._window = self._window, []
+    return {"train_loss": float(np.mean([float(w["train_loss"]) for w in window])),
+            "learning_rate": float(self.last["learning_rate"]), "grad_norm": float(self.last["grad_norm"])}
+
+  def _fetch(self) -> None:
+    if self._pending is None:
+      return
+    (step, metrics), self._pending = self._pending, None
+    host = jax.device_get(metrics)
+    loss = float(host["train_loss"])
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(f"training loss is {loss} at step {step}", step, loss)
+    self._window.append(host)
+    self.last = host
+
+
+def _evaluate_and_log(eval_step, state, config, setup: Setup, step: int, logger) -> dict[str, Any]:
+  results = evaluate(eval_step, state, config, setup)
+  logger.write(step, {k: v for k, v in results.items() if k != "eval_examples"})
+  if jax.process_index() == 0:
+    extra = f", top-5 {results['eval_top5_accuracy']:.2%}" if "eval_top5_accuracy" in results else ""
+    print(f"eval at step {step}: top-1 {results['eval_accuracy']:.2%}{extra} over "
+          f"{int(results['eval_examples'])} examples", flush=True)
+  return dict(results, step=step)
+
+
+# ----------------------------------------------------------------------------- the run
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run of `config` in `workdir`; returns the final metrics.
@@ -236,124 +293,94 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     stop.uninstall()
 
 
-def _train_and_evaluate(config, workdir: str, stop: _StopFlag, t_start: float) -> dict[str, Any]:
-  mesh = validate(config)
-  config.num_classes = resolve_num_classes(config)
-  num_classes = config.num_classes
-  model = build_model(config, num_classes)
-  tx, lr_schedule = optim.make_optimizer(config)
-  # Traces the model (no compilation): a bad image size fails here.
-  abstract_state, shardings = state_lib.state_shardings(model, tx, mesh)
-  is_main = jax.process_index() == 0
-  if is_main:
+def _announce(config, setup: Setup, workdir: str) -> None:
+  if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-  logging.info("mesh %s, model %s, %d classes", shd.describe(mesh), config.model.name, num_classes)
-  if is_main:
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
-    print(f"{config.model.name}: {n_params:,} parameters | mesh {shd.describe(mesh)} | "
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
+    print(f"{config.model.name}: {n_params:,} parameters | mesh {shd.describe(setup.mesh)} | "
           f"{jax.process_count()} process(es) | global batch {config.batch_size}", flush=True)
+  logging.info("model %s, %d classes, %d steps (%d warm-up), %d training examples", config.model.name,
+               setup.num_classes, setup.total_steps, setup.warmup_steps, setup.train_examples)
 
-  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 3))
-  restored = checkpointer.restore(abstract_state, config)
-  train_iter = train_iterator(config, num_classes)
-  if restored is not None:
-    state, data_state, start_step = restored
-    if data_state is not None:
-      train_iter.set_state(data_state)
-    if is_main:
-      print(f"Resumed from the checkpoint at step {start_step} in {checkpointer.directory}.", flush=True)
-  else:
-    state = initial_state(config, model, tx, mesh)
-    start_step = 0
 
+def _resume_or_start(config, setup: Setup, checkpointer, train_iter) -> tuple[state_lib.TrainState, int | None]:
+  """(state, step of the checkpoint resumed from or None): the newest checkpoint with the input
+  pipeline's position, else a fresh state."""
+  restored = checkpointer.restore(setup.abstract_state, config)
+  if restored is None:
+    return initial_state(config, setup), None
+  state, data_state, step = restored
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  if jax.process_index() == 0:
+    print(f"Resumed from the checkpoint at step {step} in {checkpointer.directory}.", flush=True)
+  return state, step
+
+
+def _train_and_evaluate(config, workdir: str, stop: _StopFlag, t_start: float) -> dict[str, Any]:
+  setup = validate(config)
+  config.num_classes = setup.num_classes  # saved with the checkpoints: vit_jax.restore rebuilds the model
+  _announce(config, setup, workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  train_iter = device.prefetch_to_device(train_iterator(config, setup.num_classes, setup.source), PREFETCH,
+                                         shd.batch_shardings(setup.mesh, shd.TRAIN_KEYS))
+  state, resumed_at = _resume_or_start(config, setup, checkpointer, train_iter)
+  start_step = resumed_at or 0
+  last_good = resumed_at  # the newest checkpoint of a finite loss (named when the loss goes bad)
+
+  total = setup.total_steps
   train_step = step_lib.make_train_step(
-      model, tx, lr_schedule, mesh, shardings, accum_steps=max(int(config.get("accum_steps", 1)), 1),
-      label_smoothing=config.get("label_smoothing", 0.0), mixup=_mixup_config(config))
-  eval_step = step_lib.make_eval_step(model, mesh, shardings)
+      setup.model, setup.tx, setup.lr_schedule, setup.mesh, setup.shardings, accum_steps=config.accum_steps,
+      label_smoothing=config.label_smoothing, mixup=_mixup_options(config))
+  eval_step = step_lib.make_eval_step(setup.model, setup.mesh, setup.shardings)
   logger = metrics_lib.MetricsLogger(workdir)
-  progress = metrics_lib.Progress(config.total_steps, config.batch_size, config.get("progress_secs", 5.0),
-                                  start_step)
-  log_every = max(int(config.get("log_every", 10)), 1)
-  last_good = start_step if restored is not None else None
-  pending = None  # (step, metrics on device, data state after that step's batch)
-  window = []
-  data_state = train_iter.get_state()
+  progress = metrics_lib.Progress(total, config.batch_size, config.progress_secs, start_step)
+  log_every = max(config.log_every, 1)
+  periodic = Periodic(total, {"log": log_every, "checkpoint": config.checkpoint_every, "eval": config.eval_every})
+  lagged = LaggedMetrics()
   final = {}
-
-  def check(step, metrics_host):
-    loss = float(metrics_host["train_loss"])
-    if not math.isfinite(loss):
-      where = (f"the last good checkpoint is step {last_good} in {checkpointer.directory}"
-               if last_good is not None else "no checkpoint was written yet")
-      raise NonFiniteLossError(f"training loss is {loss} at step {step}; stopping. {where}. Lower the learning "
-                               "rate, enable gradient clipping (grad_clip_norm) or check the input data.")
-    return loss
-
-  def save(step, wait=False):
-    nonlocal last_good
-    t0 = time.time()
-    checkpointer.save(step, state, data_state, config)
-    if wait:
-      checkpointer.wait()
-    last_good = step
-    progress.pause(time.time() - t0)
-
   try:
     step = start_step
-    while step < config.total_steps:
-      batch = to_global(next(train_iter), mesh, ("image", "label"))
-      data_state = train_iter.get_state()
-      state, metrics = train_step(state, batch)
+    while step < total:
+      state, metrics = train_step(state, next(train_iter))
       step += 1
-      # Fetch the previous step's scalars while this one runs (one step of lag keeps the devices busy).
-      if pending is not None:
-        prev_step, prev_metrics = pending
-        host = jax.device_get(prev_metrics)
-        window.append(host)
-        check(prev_step, host)
-      pending = (step, metrics)
-
-      is_last = step == config.total_steps
-      ckpt_due = is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)
-      eval_due = is_last or (config.eval_every and step % config.eval_every == 0)
-      log_due = is_last or step % log_every == 0 or ckpt_due or eval_due or step == start_step + 1
-      preempted = stop.requested if jax.process_count() == 1 else (
-          step % log_every == 0 and _any_process(stop.requested))
-      preempted = preempted or checkpointer.reached_preemption(step)
-      if log_due or preempted:
-        host = jax.device_get(pending[1])  # this step's loss must be finite before it is saved
-        window.append(host)
-        pending = None
-        loss = check(step, host)
-        mean_loss = float(np.mean([float(w["train_loss"]) for w in window]))
-        scalars = {"train_loss": mean_loss, "learning_rate": float(host["learning_rate"]),
-                   "grad_norm": float(host["grad_norm"])}
-        window = []
-        if log_due:
-          logger.write(step, scalars)
-        progress.maybe_report(step, loss, float(host["learning_rate"]), force=is_last)
-      if ckpt_due or preempted:
-        save(step, wait=preempted)
+      lagged.push(step, metrics)
+      due = periodic(step) | ({"log"} if step == start_step + 1 else set())  # the first step: compile time
+      preempted = stop.anywhere(step, log_every) or checkpointer.reached_preemption(step)
+      if due or preempted:  # log; this step's loss must be finite before it is saved
+        logger.write(step, lagged.flush())
+        progress.maybe_report(step, float(lagged.last["train_loss"]), float(lagged.last["learning_rate"]),
+                              force=step == total)
+      if "checkpoint" in due or preempted:
+        with progress.paused():
+          checkpointer.save(step, state, train_iter.get_state(), config)
+          if preempted:
+            checkpointer.wait()
+        last_good = step
       if preempted:
-        if is_main:
+        if jax.process_index() == 0:
           print(f"Preempted (SIGTERM) at step {step}: checkpoint saved to {checkpointer.directory}; "
                 "run the same command again to resume.", flush=True)
-        final = {"step": step, "preempted": True}
-        return final
-      if eval_due:
-        t0 = time.time()
-        results = evaluate(eval_step, state, config, num_classes, mesh)
-        logger.write(step, {k: v for k, v in results.items() if k != "eval_examples"})
-        if is_main:
-          extra = (f", top-5 {results['eval_top5_accuracy']:.2%}" if "eval_top5_accuracy" in results else "")
-          print(f"eval at step {step}: top-1 {results['eval_accuracy']:.2%}{extra} over "
-                f"{int(results['eval_examples'])} examples", flush=True)
-        final = dict(results, step=step)
-        progress.pause(time.time() - t0)
+        return {"step": step, "preempted": True}
+      if "eval" in due:
+        with progress.paused():
+          final = _evaluate_and_log(eval_step, state, config, setup, step, logger)
     if not final:  # resumed at total_steps: nothing left to train; still report
-      final = dict(evaluate(eval_step, state, config, num_classes, mesh), step=step)
+      final = dict(evaluate(eval_step, state, config, setup), step=step)
     final["wall_secs"] = time.time() - t_start
     return final
+  except NonFiniteLossError as e:
+    where = (f"the last good checkpoint is step {last_good} in {checkpointer.directory}"
+             if last_good is not None else "no checkpoint was written yet")
+    raise NonFiniteLossError(f"{e}; stopping. {where}. Lower the learning rate, enable gradient clipping "
+                             "(grad_clip_norm) or check the input data.", e.step, e.loss) from None
   finally:
     checkpointer.close()
     logger.close()
+
+
+def _mixup_options(config) -> dict | None:
+  """config.mixup for the train step, or None when both alphas are 0."""
+  if not (config.mixup.mixup_alpha or config.mixup.cutmix_alpha):
+    return None
+  return config.mixup.to_dict()

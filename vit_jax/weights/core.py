@@ -1,37 +1,38 @@
-"""Reading outside checkpoints and checking them against a model.
+"""Reading outside checkpoints into a model, and writing them out again.
 
 Every outside format has one converter module (`official_npz`, `timm/<family>`,
-`ibm`, `tf_maxvit`).  A converter registers itself with `register_converter`:
+`ibm`, `tf_maxvit`), named in its family's record (`registry.Family.converters`)
+and imported on first use.  A converter registers itself with `register_converter`:
 
   detect(flat)                -> bool: does this flat name->array mapping look like my format?
-  to_variables(flat, model)   -> flat '/'-joined dict of our variables (e.g. 'params/head/kernel')
-  from_variables(flat, model) -> flat dict in the outside format (optional; used by export)
+  to_variables(flat, model)   -> flat '/'-joined variables named as ours ('params/head/kernel', ...);
+                                 it only renames and reshapes; keys it does not know are kept under
+                                 a name that says where they came from (they are reported)
+  from_variables(flat, model) -> flat dict in the outside format (optional; export)
+  then                        -> the format whose converter runs next (IBM CrossViT = a renaming,
+                                 then timm's)
 
-`load_pretrained` reads the source, picks the converter by family and detected
-format, converts, adapts what legitimately differs (head size, position
-embedding grid, relative-bias tables: the converter does that, as it knows the
-family) and finally checks every key and shape against the model's own
-variables.  Nothing is loaded partially in silence.
+`load_pretrained` reads the source, detects the format among its family's
+converters, converts, and hands the result to the one shared fit step
+(`weights/fit.py`: head, position embeddings, relative-bias tables, loop/scan
+layout, key and shape check).  Nothing is loaded partially in silence.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import importlib
 import os
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import registry
+from vit_jax.weights import fit
+from vit_jax.weights.fit import CheckpointMismatchError, check_against  # noqa: F401  (public names)
 
 Flat = dict[str, np.ndarray]
-
-
-class CheckpointMismatchError(ValueError):
-  """The checkpoint does not fit the model (names the keys/shapes and what was expected)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,26 +40,24 @@ class Converter:
   family: str
   fmt: str
   detect: Callable[[Flat], bool]
-  to_variables: Callable[..., Flat]
+  to_variables: Callable[[Flat, nn.Module], Flat]
   from_variables: Callable[[Flat, nn.Module], Flat] | None = None
-  # Optional: the checkpoint's class count (used when load_pretrained gets num_classes=None).
-  num_classes: Callable[[Flat], int | None] | None = None
+  then: str | None = None
 
 
 _CONVERTERS: list[Converter] = []
-_CONVERTER_MODULES = (
-    "vit_jax.weights.official_npz", "vit_jax.weights.timm.vit", "vit_jax.weights.timm.crossvit",
-    "vit_jax.weights.timm.maxvit", "vit_jax.weights.ibm", "vit_jax.weights.tf_maxvit")
 
 
 def register_converter(family: str, fmt: str, detect, to_variables, from_variables=None, *,
-                       num_classes=None) -> None:
-  """`to_variables(flat, model)` may also accept keyword options of load_pretrained (e.g. `posemb_resize`)."""
-  _CONVERTERS.append(Converter(family, fmt, detect, to_variables, from_variables, num_classes))
+                       then: str | None = None) -> None:
+  _CONVERTERS.append(Converter(family, fmt, detect, to_variables, from_variables, then))
 
 
 def converters(family: str | None = None) -> list[Converter]:
-  registry.import_modules(_CONVERTER_MODULES)  # each registers itself on import
+  """The converters of `family` (all families when None); their modules are imported here."""
+  for record in registry.families() if family is None else [registry.get_family(family)]:
+    for module_name in record.converters:
+      importlib.import_module(module_name)  # each registers itself on import
   return [c for c in _CONVERTERS if family is None or c.family == family]
 
 
@@ -86,13 +85,9 @@ def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
   return tree
 
 
-def abstract_variables(model: nn.Module) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_variables(model: nn.Module) -> dict[str, Any]:
   """Flat '/'-joined shapes of `model`'s variables (no memory, no compute)."""
-  size = getattr(model, "image_size", 224)
-  h, w = (size, size) if isinstance(size, int) else size
-  images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-  return flatten(nn.meta.unbox(shapes))
+  return flatten(nn.meta.unbox(registry.abstract_variables(model)))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -157,108 +152,101 @@ def _read_tf_checkpoint(path: str) -> Flat:
   return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
-# ----------------------------------------------------------------------------- checking
-
-def check_against(converted: Flat, expected: Mapping[str, Any], what: str) -> None:
-  """Raises CheckpointMismatchError listing every missing, unexpected and mis-shaped key."""
-  missing = sorted(set(expected) - set(converted))
-  unexpected = sorted(set(converted) - set(expected))
-  wrong = [(k, tuple(np.shape(converted[k])), tuple(expected[k].shape))
-           for k in sorted(set(expected) & set(converted))
-           if tuple(np.shape(converted[k])) != tuple(expected[k].shape)]
-  if not (missing or unexpected or wrong):
-    return
-  lines = [f"The checkpoint does not fit {what}:"]
-  if missing:
-    lines.append(f"  missing ({len(missing)}): " + ", ".join(missing[:12]) + (" ..." if len(missing) > 12 else ""))
-  if unexpected:
-    lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected[:12])
-                 + (" ..." if len(unexpected) > 12 else ""))
-  for k, got, want in wrong[:12]:
-    lines.append(f"  {k}: checkpoint has shape {got}, the model expects {want}")
-  lines.append("  Is this a checkpoint for another model? Pass the matching `model=` "
-               "(see vit_jax.list_models()) and its options.")
-  raise CheckpointMismatchError("\n".join(lines))
-
-
 # ----------------------------------------------------------------------------- entry points
 
 def _resolve_model(model: str | nn.Module, num_classes, image_size, overrides) -> nn.Module:
   if isinstance(model, nn.Module):
-    if num_classes is not None or image_size is not None or overrides:
-      model = model.clone(**{k: v for k, v in dict(overrides, num_classes=num_classes,
-                                                     image_size=image_size).items() if v is not None})
-    return model
+    changes = {k: v for k, v in dict(overrides, num_classes=num_classes, image_size=image_size).items()
+               if v is not None}
+    return model.clone(**changes) if changes else model
   return registry.get_model(model, num_classes=1000 if num_classes is None else num_classes,
                             image_size=image_size, **overrides)
 
 
-def checkpoint_num_classes(flat: Flat, model_name: str) -> int | None:
-  """The class count of the checkpoint's head (None when its format cannot tell)."""
-  family = registry.model_family(model_name)
-  counts = [c.num_classes(flat) for c in converters(family) if c.num_classes and c.detect(flat)]
-  return next((n for n in counts if n), None)
-
-
-def load_pretrained(source, *, model: str | nn.Module, num_classes: int | None = None,
-                    image_size=None, posemb_resize: str = "bilinear", **overrides) -> dict[str, Any]:
-  """Variables for `model` from an official `.npz`, a timm/IBM state_dict or a TF checkpoint.
-
-  The format is detected from the keys.  A head of another size is replaced by
-  a zero-initialised head of `num_classes`; position embeddings (and MaxViT's
-  relative-bias tables) are resized when `image_size` differs from the
-  checkpoint's (`posemb_resize`: 'bilinear' as the official ViT code, or
-  'bicubic' as timm).  With a model name and `num_classes=None` the head keeps
-  the checkpoint's class count (1000 when the format cannot tell).  Returns
-  `{'params': ..., ['batch_stats': ...]}` ready for
-  `model.apply(variables, images, train=False)`.
-  """
-  flat = read_source(source)
-  if num_classes is None and not isinstance(model, nn.Module):
-    num_classes = checkpoint_num_classes(flat, model)
-  module = _resolve_model(model, num_classes, image_size, overrides)
-  family = registry.model_family(module.model_name)
+def _convert(flat: Flat, module: nn.Module) -> tuple[Flat, str]:
+  family = registry.get_family(module).name
   candidates = converters(family)
   matches = [c for c in candidates if c.detect(flat)]
   if not matches:
-    formats = ", ".join(f"{c.fmt}" for c in candidates) or "none"
+    formats = ", ".join(c.fmt for c in candidates) or "none"
     other = [c for c in converters() if c.family != family and c.detect(flat)]
     hint = (f" It looks like a {other[0].family} checkpoint ({other[0].fmt}); pass a {other[0].family} model name."
             if other else "")
     raise CheckpointMismatchError(
         f"The checkpoint's keys match no format known for the {family} family ({formats}).{hint} "
         f"First keys: {sorted(flat)[:6]}")
-  options = {"posemb_resize": posemb_resize}
-  accepted = inspect.signature(matches[0].to_variables).parameters
-  if posemb_resize != "bilinear" and "posemb_resize" not in accepted:
-    raise TypeError(f"posemb_resize={posemb_resize!r} has no effect for {family} checkpoints "
-                    f"({matches[0].fmt}); leave it at its default.")
-  converted = matches[0].to_variables(flat, module, **{k: v for k, v in options.items() if k in accepted})
+  converter, steps = matches[0], []
+  while True:
+    steps.append(converter.fmt)
+    flat = converter.to_variables(flat, module)
+    if converter.then is None:
+      return flat, " -> ".join(steps)
+    converter = next(c for c in candidates if c.fmt == converter.then)
+
+
+def head_classes(flat: Mapping[str, Any], module: nn.Module) -> int | None:
+  """The class count of the head in our-named flat variables (None when they hold no head)."""
+  kernel = flat.get(f"params/{registry.get_family(module).head[0]}/kernel")
+  return None if kernel is None else int(np.shape(kernel)[-1])
+
+
+def load_model(source, *, model: str | nn.Module, num_classes: int | None = None, image_size=None,
+               posemb_resize: str | None = None, **overrides) -> tuple[nn.Module, dict[str, Any]]:
+  """`(module, variables)`: `load_pretrained`, plus the module it built (with the class count it chose)."""
+  flat = read_source(source)
+  module = _resolve_model(model, num_classes, image_size, overrides)
+  converted, fmt = _convert(flat, module)
+  if num_classes is None and not isinstance(model, nn.Module):
+    classes = head_classes(converted, module)
+    if classes and classes != module.num_classes:
+      module = module.clone(num_classes=classes)
+  family = registry.get_family(module)
   expected = abstract_variables(module)
-  check_against(converted, expected, f"model {module.model_name!r} ({family}, format {matches[0].fmt})")
-  variables = unflatten({k: jnp.asarray(v, dtype=expected[k].dtype) for k, v in converted.items()})
-  return variables
+  try:
+    fitted = fit.fit_to_model(converted, module, expected, head=family.head,
+                              posemb_resize=posemb_resize or family.posemb_resize)
+  except CheckpointMismatchError as e:
+    raise CheckpointMismatchError(f"{e}\n  (format: {fmt})") from None
+  return module, unflatten({k: jnp.asarray(v, dtype=expected[k].dtype) for k, v in fitted.items()})
+
+
+def load_pretrained(source, *, model: str | nn.Module, num_classes: int | None = None,
+                    image_size=None, posemb_resize: str | None = None, **overrides) -> dict[str, Any]:
+  """Variables for `model` from an official `.npz`, a timm/IBM state_dict or a TF checkpoint.
+
+  The format is detected from the keys.  A head of another size is replaced by
+  a zero-initialised head of `num_classes`; position embeddings (and MaxViT's
+  relative-bias tables) are resized when `image_size` differs from the
+  checkpoint's (`posemb_resize`: 'bilinear' as the official ViT code, or
+  'bicubic' as timm; default: the family's, bicubic for CrossViT).  With a
+  model name and `num_classes=None` the head keeps the checkpoint's class
+  count.  Returns `{'params': ..., ['batch_stats': ...]}` ready for
+  `model.apply(variables, images, train=False)`.
+  """
+  return load_model(source, model=model, num_classes=num_classes, image_size=image_size,
+                    posemb_resize=posemb_resize, **overrides)[1]
 
 
 def export_timm(variables: Mapping[str, Any], *, model: str | nn.Module, path: str | None = None,
                 **overrides) -> Flat:
   """A timm state_dict (numpy) for `variables`; also written to `path` (.safetensors) when given."""
-  module = _resolve_model(model, None, None, overrides) if isinstance(model, nn.Module) else \
-      _resolve_model(model, _num_classes(variables), None, overrides)
-  family = registry.model_family(module.model_name)
-  exporters = [c for c in converters(family) if c.fmt == "timm" and c.from_variables]
+  flat = flatten(nn.meta.unbox(dict(variables)))
+  if isinstance(model, nn.Module):
+    module = _resolve_model(model, None, None, overrides)
+  else:
+    module = _resolve_model(model, 1000, None, overrides)
+    module = module.clone(num_classes=head_classes(flat, module) or 1000)
+  family = registry.get_family(module)
+  exporters = [c for c in converters(family.name) if c.fmt == "timm" and c.from_variables]
   if not exporters:
-    raise NotImplementedError(f"no timm exporter for the {family} family.")
-  state = exporters[0].from_variables(flatten(nn.meta.unbox(dict(variables))), module)
+    raise NotImplementedError(f"no timm exporter for the {family.name} family.")
+  if getattr(module, "scan", False):  # timm has one module per layer
+    module = module.clone(scan=False)
+    flat = fit.match_layout(flat, abstract_variables(module))
+  state = exporters[0].from_variables(flat, module)
   state = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32) if np.asarray(v).dtype != np.int64
                                    else np.asarray(v)) for k, v in state.items()}
   if path is not None:
     from safetensors.numpy import save_file
     save_file(state, path)
   return state
-
-
-def _num_classes(variables: Mapping[str, Any]) -> int:
-  flat = flatten(nn.meta.unbox(dict(variables)))
-  heads = [v for k, v in flat.items() if k.endswith("kernel") and "head" in k.split("/")[-2]]
-  return int(np.shape(heads[-1])[-1]) if heads else 1000

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 
 from vit_jax.weights.core import Flat, register_converter
-from vit_jax.weights.timm import crossvit as timm_crossvit
 
 _TOKEN_KEY = re.compile(r"^(pos_embed|cls_token)\.(\d+)$")
 
@@ -20,12 +19,9 @@ def detect(flat: Flat) -> bool:
   return "pos_embed.0" in flat and "cls_token.0" in flat and any(k.startswith("blocks.0.projs.") for k in flat)
 
 
-def to_timm_names(flat: Flat) -> Flat:
+def to_timm_names(flat: Flat, model=None) -> Flat:
+  del model
   return {_TOKEN_KEY.sub(r"\1_\2", k): v for k, v in flat.items()}
 
 
-def to_variables(flat: Flat, model) -> Flat:
-  return timm_crossvit.to_variables(to_timm_names(flat), model)
-
-
-register_converter("crossvit", "ibm", detect, to_variables)
+register_converter("crossvit", "ibm", detect, to_timm_names, then="timm")

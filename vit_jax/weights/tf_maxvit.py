@@ -8,7 +8,7 @@ exponential moving averages (`<name>/ExponentialMovingAverage`), those are
 used, as the official evaluation does.  Layouts equal ours except the
 depthwise kernel ([k, k, C, 1] -> [k, k, 1, C]).  The 384/512 checkpoints keep
 13x13 relative-bias tables and resize them on the fly (TF bilinear); so do we,
-once, at load time.
+once, at load time (the shared fit step).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import re
 import numpy as np
 
 from vit_jax.weights import core
-from vit_jax.weights.timm.maxvit import adapt
 
 Flat = dict[str, np.ndarray]
 EMA = "ExponentialMovingAverage"
@@ -111,9 +110,7 @@ def to_variables(flat: Flat, model) -> Flat:
     if any("/".join(parts[:i]) in used for i in range(1, len(parts) + 1)):
       continue
     out[f"tf:{name}"] = np.asarray(flat[name])
-  logits = f"{prefix}cls_head/logit_dense/weight"
-  source_classes = flat[logits].shape[-1] if logits in flat else None
-  return adapt(out, expected, source_classes)
+  return out
 
 
 core.register_converter("maxvit", "tf", detect, to_variables)

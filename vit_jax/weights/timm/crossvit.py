@@ -7,14 +7,14 @@ vision_transformer.Block with fused `qkv`), `blocks.{k}.projs.{i}.{0,2}`,
 `blocks.{k}.revert_projs.{i}.{0,2}`, `norm.{i}`, `head.{i}`.
 
 The IBM release names the tokens `pos_embed.{i}` / `cls_token.{i}`; `ibm.py`
-renames those and reuses this converter.
+renames those, then this converter runs (`then="timm"`).  Position embeddings
+of another grid and heads of another size are left to the shared fit step.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from vit_jax.models import layers
-from vit_jax.weights.core import Flat, register_converter
+from vit_jax.weights.core import CheckpointMismatchError, Flat, register_converter
 
 
 def detect(flat: Flat) -> bool:
@@ -37,7 +37,7 @@ def _linear(timm, ours):
 
 def _names(model) -> list[tuple[str, str, str, int]]:
   if model.fusion != "cross_attention":
-    raise ValueError(f"timm/IBM CrossViT checkpoints hold cross-attention fusion; the model uses "
+    raise CheckpointMismatchError(f"timm/IBM CrossViT checkpoints hold cross-attention fusion; the model uses "
                      f"fusion={model.fusion!r}. Build it with fusion='cross_attention' to load them.")
   entries = []
   for i in range(2):
@@ -96,29 +96,13 @@ def _split_heads_in(w: np.ndarray, heads: int) -> np.ndarray:
   return w.T.reshape(in_dim, heads, out_dim // heads)
 
 
-def _adapt_pos_embed(pos: np.ndarray, grid: tuple[int, int], key: str) -> np.ndarray:
-  """Bicubic (PyTorch kernel) resize of the patch rows to `grid`, keeping the CLS row."""
-  n = pos.shape[1] - 1
-  if n == grid[0] * grid[1]:
-    return pos
-  side = int(round(np.sqrt(n)))
-  if side * side != n:
-    raise ValueError(f"{key} holds {n} patch positions, not a square grid; cannot resize it to "
-                     f"{grid[0]}x{grid[1]}.")
-  patches = layers.resize_grid(pos[0, 1:].reshape(side, side, -1), grid, method="bicubic")
-  patches = np.asarray(patches, np.float32).reshape(1, grid[0] * grid[1], -1)
-  return np.concatenate([pos[:, :1].astype(np.float32), patches], axis=1)
-
-
 def to_variables(flat: Flat, model) -> Flat:
   flat = _nested_fusion_keys(flat, model)
-  grids = model.grids()
   out: Flat = {}
-  missing = []
-  for timm_key, ours, kind, heads in _names(model):
+  names = _names(model)
+  for timm_key, ours, kind, heads in names:
     if timm_key not in flat:
-      missing.append(timm_key)
-      continue
+      continue  # reported as missing by the fit step
     w = np.asarray(flat[timm_key], np.float32)
     if kind == "copy":
       out[f"params/{ours}"] = w
@@ -141,17 +125,9 @@ def to_variables(flat: Flat, model) -> Flat:
         out[f"params/{ours}/{name}/bias"] = part.reshape(heads, -1)
     else:  # pragma: no cover - the table above uses only the kinds handled here
       raise AssertionError(kind)
-  if missing:
-    raise ValueError(f"the CrossViT checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. "
-                     f"{missing[:6]}. Is it a checkpoint for another variant (depths, dagger patch "
-                     "embedding)? Pick the matching model name.")
-  for i in range(2):
-    out[f"params/pos_embed_{i}"] = _adapt_pos_embed(out[f"params/pos_embed_{i}"], grids[i], f"pos_embed_{i}")
-    kernel = out[f"params/head_{i}/kernel"]
-    if kernel.shape[1] != model.num_classes:
-      # A new task: a zero-initialised head (as the official ViT fine-tuning recipe does).
-      out[f"params/head_{i}/kernel"] = np.zeros((kernel.shape[0], model.num_classes), np.float32)
-      out[f"params/head_{i}/bias"] = np.zeros((model.num_classes,), np.float32)
+  # Tensors of the checkpoint the model has no place for are reported, not dropped in silence.
+  known = {timm_key for timm_key, _, _, _ in names}
+  out.update({f"timm:{k}": np.asarray(v) for k, v in flat.items() if k not in known})
   return out
 
 

@@ -13,7 +13,6 @@ import re
 
 import numpy as np
 
-from vit_jax.models import maxvit
 from vit_jax.weights import core
 
 Flat = dict[str, np.ndarray]
@@ -94,26 +93,6 @@ def _to_timm(key: str, array: np.ndarray) -> np.ndarray:
   return array
 
 
-# ----------------------------------------------------------------------------- shared with tf_maxvit
-
-def adapt(converted: Flat, expected, source_classes: int | None) -> Flat:
-  """Replaces a head of another size by zeros and resizes relative-bias tables to the model's window."""
-  out = dict(converted)
-  for key, spec in expected.items():
-    if key not in out:
-      continue
-    value = np.asarray(out[key])
-    if key.endswith("/relative_bias") and value.ndim == 3 and value.shape != tuple(spec.shape) \
-        and value.shape[0] == spec.shape[0]:
-      window = ((spec.shape[1] + 1) // 2, (spec.shape[2] + 1) // 2)
-      out[key] = np.asarray(maxvit.resize_relative_bias(value, window))
-    elif key.startswith("params/head/") and value.shape != tuple(spec.shape) \
-        and source_classes is not None and source_classes != spec.shape[-1]:
-      # A new task: a zero head (as big_vision/ViT fine-tuning does) gives uniform first predictions.
-      out[key] = np.zeros(spec.shape, np.float32)
-  return out
-
-
 # ----------------------------------------------------------------------------- converter
 
 def detect(flat: Flat) -> bool:
@@ -134,8 +113,7 @@ def to_variables(flat: Flat, model) -> Flat:
   for name in sorted(set(flat) - used):
     if not name.endswith("num_batches_tracked"):
       out[f"timm:{name}"] = np.asarray(flat[name])
-  source_classes = flat["head.fc.weight"].shape[0] if "head.fc.weight" in flat else None
-  return adapt(out, expected, source_classes)
+  return out
 
 
 def from_variables(flat: Flat, model) -> Flat:

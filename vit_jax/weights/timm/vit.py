@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from vit_jax.weights import core, official_npz
+from vit_jax.weights import core
 
 Flat = dict[str, np.ndarray]
 
@@ -33,7 +33,7 @@ _BLOCK_PARAMS = {  # timm suffix inside blocks.{i} -> ours inside encoderblock_{
     "attn.proj.bias": "MultiHeadDotProductAttention_0/out/bias",
 }
 _TOP_PARAMS = {
-    "cls_token": "cls", "pos_embed": official_npz.POSEMB_KEY,
+    "cls_token": "cls", "pos_embed": "Transformer/posembed_input/pos_embedding",
     "patch_embed.proj.weight": "embedding/kernel", "patch_embed.proj.bias": "embedding/bias",
     "norm.weight": "Transformer/encoder_norm/scale", "norm.bias": "Transformer/encoder_norm/bias",
     "head.weight": "head/kernel", "head.bias": "head/bias",
@@ -50,11 +50,6 @@ def _strip(flat: Flat) -> Flat:
 def detect(flat: Flat) -> bool:
   flat = _strip(flat)
   return "patch_embed.proj.weight" in flat and any(re.match(r"blocks\.\d+\.attn\.qkv\.weight$", k) for k in flat)
-
-
-def checkpoint_num_classes(flat: Flat) -> int | None:
-  head = _strip(flat).get("head.bias")
-  return None if head is None else int(np.shape(head)[-1])
 
 
 def _linear(w):  # torch [out, in] -> flax [in, out]
@@ -82,8 +77,8 @@ def _backbone_to_ours(rest: str, value) -> tuple[str, np.ndarray] | None:
   return prefix + f"gn{suffix}/{_NORM[param]}", value
 
 
-def to_official_layout(flat: Flat, model) -> Flat:
-  """timm names -> our loop-layout names; keys we do not know keep their timm names (reported later)."""
+def to_variables(flat: Flat, model) -> Flat:
+  """timm names -> ours ('params/...', loop layout); keys we do not know keep their timm names (reported)."""
   flat = _strip(flat)
   if "fc_norm.weight" in flat:
     raise core.CheckpointMismatchError(
@@ -122,11 +117,7 @@ def to_official_layout(flat: Flat, model) -> Flat:
       out[_TOP_PARAMS[key]] = value
     else:
       out[key] = value
-  return out
-
-
-def to_variables(flat: Flat, model, posemb_resize: str = "bilinear") -> Flat:
-  return official_npz.finalize(to_official_layout(flat, model), model, posemb_resize)
+  return {f"params/{k}": v for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- export
@@ -155,7 +146,7 @@ def _conv_back(w):  # HWIO -> OIHW
 
 
 def from_variables(flat: Flat, model) -> Flat:
-  """Our variables (flat, 'params/...') -> a timm VisionTransformer state_dict (numpy)."""
+  """Our variables (flat, 'params/...', loop layout) -> a timm VisionTransformer state_dict (numpy)."""
   if model.representation_size is not None:
     raise ValueError("timm's VisionTransformer has no representation (pre_logits) layer; a model with "
                      "representation_size cannot be exported to timm.")
@@ -163,7 +154,6 @@ def from_variables(flat: Flat, model) -> Flat:
     raise ValueError("timm's VisionTransformer has a learned position embedding; posemb='sincos2d' "
                      "cannot be exported exactly.")
   params = {k[len("params/"):]: np.asarray(v, np.float32) for k, v in flat.items() if k.startswith("params/")}
-  params = official_npz.scan_to_loop(params)
   stem_only = model.resnet is not None and not tuple(model.resnet[0])
   top = {ours: theirs for theirs, ours in _TOP_PARAMS.items()}
   state = {}
@@ -197,4 +187,4 @@ def from_variables(flat: Flat, model) -> Flat:
   return state
 
 
-core.register_converter("vit", "timm", detect, to_variables, from_variables, num_classes=checkpoint_num_classes)
+core.register_converter("vit", "timm", detect, to_variables, from_variables)

@@ -1,16 +1,35 @@
-"""`dataset="synthetic"`: learnable random images made from (seed, step) alone.
+"""`dataset="synthetic"`: learnable random images made from (seed, step) alone (no files, no TensorFlow).
 
 Each class has a fixed random prototype image; an example is its class's
 prototype plus noise.  Batch `t` is a function of (seed, t) only and every
 process cuts its rows out of the same global batch, so the global batch is
 identical for any number of processes: the data source for smoke runs,
 benchmarks without disk, and multi-process equivalence tests.
+
+The training stream is endless; for durations in epochs a training "epoch" is
+NUM_TRAIN_EXAMPLES examples.  Evaluation is one pass over NUM_EVAL_EXAMPLES.
 """
 from __future__ import annotations
 
 import numpy as np
 
+NAME = "synthetic"
+NUM_TRAIN_EXAMPLES = 1024  # nominal: the size of an "epoch" of the endless training stream
 NUM_EVAL_EXAMPLES = 256
+
+
+class SyntheticSource:
+  """What `vit_jax.data.get_source("synthetic")` knows: the split sizes (the class count is the caller's)."""
+
+  name = NAME
+
+  @property
+  def num_classes(self) -> int:
+    raise ValueError("dataset='synthetic' has as many classes as asked for: it needs config.num_classes > 0.")
+
+  def num_examples(self, split: str) -> int:
+    """NUM_TRAIN_EXAMPLES for `train` (also `train[...]`), NUM_EVAL_EXAMPLES for any other split."""
+    return NUM_TRAIN_EXAMPLES if split.split("[")[0] == "train" else NUM_EVAL_EXAMPLES
 
 
 def _prototypes(num_classes: int, image_size: tuple[int, int], seed: int) -> np.ndarray:
