@@ -5,7 +5,7 @@ the analytic formulas in tests/flop_formulas.py are written from the papers'
 architectures and must agree with it exactly, term by term (CrossViT's in-model
 resize included: the `resize` term).  Without that term, the formulas must also
 agree within 2% with the published numbers: timm `infer_gmacs` (= the papers'
-"GFLOPs"; /work/shared/reference/anchors_perf_ecosystem.md §1.4 and
+"GFLOPs"; the performance anchors (fvcore-style counting, §1.4) and
 anchors_crossvit_maxvit.md §1.3 / §2.3).  timm's fvcore profiler also counts norms
 and softmax, hence the tolerance.  Every registered model at its native size is
 checked against timm in tests/test_models.py.
