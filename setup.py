@@ -15,6 +15,9 @@ setup(
         "orbax-checkpoint",
         "tensorflow-cpu; platform_machine=='x86_64'",
         "tensorflow-datasets>=4.9",
+        # TFDS's DatasetBuilder.code_path imports it while preparing any data set that is not on disk yet
+        # (tensorflow-datasets declares it only for Python < 3.9, yet 4.9.x imports it on every version).
+        "importlib_resources",
         "ml-collections",
         "chex",
         "absl-py",
@@ -30,7 +33,11 @@ setup(
     extras_require={
         # torch reads/writes .pth state_dicts in the weight tests; timm (installed with --no-deps, see README)
         # needs huggingface_hub and pyyaml to import, for the `bench --vs timm` test.
-        "test": ["pytest", "pytest-xdist", "torch", "huggingface_hub", "pyyaml"],
+        "test": ["pytest", "pytest-xdist", "torch", "huggingface_hub", "pyyaml", "matplotlib"],
         "torch": ["torch"],  # only to read .pth/.bin state_dicts and for `bench --vs timm`
+        "analysis": ["matplotlib"],  # the figures of `python -m vit_jax.analyze` (also in "test")
+        # The CUDA 12 build of jax: jax's own `cuda12` extra pins jaxlib and jax-cuda12-plugin to exactly the
+        # jax version installed (jaxlib<=V,>=V), so it always matches.  `pip install -e ".[gpu]"`.
+        "gpu": ["jax[cuda12]>=0.10"],
     },
 )

@@ -1,10 +1,20 @@
 """Test-wide settings: 8 simulated CPU devices (for mesh tests), quiet TensorFlow, no GPU."""
 import os
+import re
 
-# Must be set before JAX initialises its backends.  LLVM optimisation level 0
-# halves the CPU compile time of the many tiny test programs; results are the
-# same computation (the parity tests hold to 1e-5 either way).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# Must be set before JAX initialises its backends.  The suite needs 8 CPU devices whatever the user's
+# XLA_FLAGS say (their other flags are kept).  LLVM optimisation level 0 halves the CPU compile time of
+# the many tiny test programs (unless the user chose a level); results are the same computation (the
+# parity tests hold to 1e-5 either way).
+def _test_xla_flags(flags: str) -> str:
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", flags).split()
+  flags.append("--xla_force_host_platform_device_count=8")
+  if not any(f.startswith("--xla_backend_optimization_level") for f in flags):
+    flags.append("--xla_backend_optimization_level=0")
+  return " ".join(flags)
+
+
+os.environ["XLA_FLAGS"] = _test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -273,3 +273,19 @@ def test_heuristic_fusions_in_train_mode(fusion):
   assert fusion_keys
   perturbed = core.unflatten({k: v * 1.5 if k in fusion_keys else v for k, v in flat.items()})
   assert np.abs(np.asarray(train(perturbed, jax.random.key(0, impl="rbg"))) - logits_a).max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- the parity test can fail
+
+@pytest.mark.parametrize("control", ["tanh_gelu", "layer_norm_eps_1e-5"])
+def test_parity_tolerance_is_discriminating(control, monkeypatch):
+  """Each detail a port gets wrong must fail the logit tolerance: the tanh GELU of the official ViT code
+  instead of the exact one, LayerNorm eps 1e-5 (PyTorch's default) instead of timm/IBM's 1e-6."""
+  model, variables, arrays = loaded("plain")
+  if control == "tanh_gelu":
+    model = model.clone(approximate_gelu=True)
+  else:
+    monkeypatch.setattr(crossvit, "LAYER_NORM_EPS", 1e-5)
+  with jax.default_matmul_precision("highest"):  # not the cached jit: its trace holds the real constants
+    logits = np.asarray(model.apply(variables, arrays["images"], train=False))
+  assert np.abs(logits - arrays["logits"]).max() > 10 * LOGIT_ATOL, control

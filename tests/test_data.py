@@ -171,13 +171,21 @@ def test_folder_grey_rgba_and_corrupt_files(tmp_path, caplog):
   name = f"folder:{tmp_path}"
   assert data.num_classes(name) == 3  # bird, cat, dog (sorted union over splits).
   assert data.num_examples(name, "train") == 7
+  # 2 of 7 files are bad: far more than the default 1% allows, so the pass stops naming the first one ...
+  with pytest.raises(data.pipeline.UndecodableDataError, match=r"1 of the ~7 examples .* evaluation pass.*broken\.jpg"):
+    list(data.get_dataset(name, "train", batch_size=4, image_size=16, train=False, process_index=0,
+                          process_count=1))
+  # ... and with a tolerant limit they are skipped, counted and logged with their files.
+  tolerant = dict(max_bad_fraction=0.5)
   with caplog.at_level(logging.WARNING):
-    batches = list(data.get_dataset(name, "train", batch_size=4, image_size=16, train=False,
-                                    process_index=0, process_count=1))
+    it = data.get_dataset(name, "train", batch_size=4, image_size=16, train=False, process_index=0,
+                          process_count=1, **tolerant)
+    batches = list(it)
   assert [int(b["mask"].sum()) for b in batches] == [4, 1]  # broken + truncated dropped.
   assert sorted(np.concatenate([b["label"][b["mask"]] for b in batches]).tolist()) == [1, 1, 2, 2, 2]
-  assert "Skipped 1 undecodable" in caplog.text and "2 so far" in caplog.text
-  kw = dict(batch_size=4, image_size=16, train=True, process_index=0, process_count=1)
+  assert it.skipped == 2 and [p.rsplit("/", 1)[1] for p in it.skipped_ids] == ["broken.jpg", "truncated.jpg"]
+  assert "Skipped 1 undecodable" in caplog.text and "2 so far" in caplog.text and "truncated.jpg" in caplog.text
+  kw = dict(batch_size=4, image_size=16, train=True, process_index=0, process_count=1, **tolerant)
   reference = take(data.get_dataset(name, "train", **kw), 5)  # 5 good images per epoch: 4 epochs.
   for batch in reference:  # Inception crop via decode_and_crop_jpeg and the PNG fallback.
     assert batch["image"].shape == (4, 16, 16, 3) and np.abs(batch["image"]).max() <= 1.0
@@ -187,6 +195,8 @@ def test_folder_grey_rgba_and_corrupt_files(tmp_path, caplog):
   resumed.set_state(first.get_state())  # Exact resume although files are skipped.
   for want, got in zip(reference[2:], take(resumed, 3)):
     np.testing.assert_array_equal(want["image"], got["image"])
+  with pytest.raises(data.pipeline.UndecodableDataError, match="epoch 0"):  # training stops as well
+    take(data.get_dataset(name, "train", **{**kw, "max_bad_fraction": 0.01}), 5)
   # 2 test images over 3 processes: the third has none and still yields the common 1 batch.
   shares = [list(data.get_dataset(name, "test", batch_size=2, image_size=8, train=False, process_index=i,
                                   process_count=3)) for i in range(3)]
@@ -224,3 +234,48 @@ def test_synthetic_source_sizes():
   assert source.num_examples("test") == synthetic.NUM_EVAL_EXAMPLES
   with pytest.raises(ValueError, match="needs config.num_classes > 0"):
     data.num_classes("synthetic")
+
+
+def test_only_decoding_errors_are_skipped(tmp_path):
+  """A file that vanished after listing (or any error but a failed decode) stops the pipeline, never shrinks it."""
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    (tmp_path / "test" / "a").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "test" / "a" / f"{i}.jpg").write_bytes(_jpeg(rng, (8, 8)))
+  source = data.get_source(f"folder:{tmp_path}")
+  (tmp_path / "test" / "a" / "2.jpg").unlink()
+  import tensorflow as tf
+  with pytest.raises(tf.errors.NotFoundError, match="2.jpg"):
+    list(data.get_dataset(f"folder:{tmp_path}", "test", batch_size=2, image_size=8, train=False,
+                          process_index=0, process_count=1, source=source, max_bad_fraction=1.0))
+  with pytest.raises(ValueError, match="area_range"):
+    data.get_dataset(f"folder:{tmp_path}", "test", batch_size=2, image_size=8, train=True, area_range=(0.5, 2.0),
+                     process_index=0, process_count=1, source=source)
+
+
+def test_global_order_does_not_depend_on_the_process_count(tfds_dir):
+  """Random-access training: 2 processes x 48 read the rows of the same global batches as 1 x 96, and a
+  2-process position resumes on 1 process (and back) in the exact global example order."""
+  kw = dict(image_size=8, train=True, data_dir=tfds_dir, seed=5, **RAW)
+  one = data.get_dataset("digits", "train", batch_size=96, process_index=0, process_count=1, **kw)
+  reference = take(one, 20)  # 1920 examples: crosses the end of epoch 0 (1438)
+  two = [data.get_dataset("digits", "train", batch_size=48, process_index=i, process_count=2, **kw) for i in (0, 1)]
+  for step in range(7):
+    rows = [next(it) for it in two]
+    for k in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([r[k] for r in rows]), reference[step][k])
+  states = [json.loads(json.dumps(it.get_state())) for it in two]
+  assert states[0]["order"] == "global" and {k: v for k, v in states[0].items() if k != "process_index"} == \
+      {k: v for k, v in states[1].items() if k != "process_index"}
+  resumed = data.get_dataset("digits", "train", batch_size=96, process_index=0, process_count=1, **kw)
+  resumed.set_state(states[1])  # any process's position: they are the same
+  for step in range(7, 14):
+    got = next(resumed)
+    for k in ("image", "label"):
+      np.testing.assert_array_equal(got[k], reference[step][k])
+  back = [data.get_dataset("digits", "train", batch_size=48, process_index=i, process_count=2, **kw) for i in (0, 1)]
+  for it in back:
+    it.set_state(resumed.get_state())
+  for step in range(14, 20):
+    rows = [next(it) for it in back]
+    np.testing.assert_array_equal(np.concatenate([r["image"] for r in rows]), reference[step]["image"])

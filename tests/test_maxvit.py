@@ -356,3 +356,13 @@ def test_bfloat16_computation_keeps_float32_parameters_and_logits():
   out, variables = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x), images)
   assert out.dtype == jnp.float32 and out.shape == (2, 5)
   assert {v.dtype for v in core.flatten(nn.meta.unbox(variables)).values()} == {jnp.dtype(jnp.float32)}
+
+
+# ----------------------------------------------------------------------------- the parity test can fail
+
+@pytest.mark.parametrize("control", [dict(ln_epsilon=1e-6), dict(bn_epsilon=1e-5), dict(approximate_gelu=False)])
+def test_parity_tolerance_is_discriminating(control, tiny_variables, reference):
+  """Each detail a port gets wrong must fail the logit tolerance: LayerNorm eps 1e-6 (not timm/TF's 1e-5),
+  BatchNorm eps 1e-5 (PyTorch's default, not TF's 1e-3), the exact erf GELU (not the tanh one)."""
+  logits, _ = eval_logits(tiny_model(**control), tiny_variables, reference["images_nhwc"])
+  assert np.abs(logits - reference["logits"]).max() > 10 * 1e-5, control

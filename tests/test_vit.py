@@ -181,7 +181,7 @@ def test_cudnn_switch_is_validated_on_cpu():
 @pytest.mark.parametrize("options, match", [
     (dict(image_size=30), r"image size 30x30 is not divisible by the patch size 8x8; use e\.g\. 24 or 32 px"),
     (dict(resnet=((1, 1), 0.5), patch_size=1, image_size=36), r"36x36 is not divisible by the total stride"),
-    (dict(classifier="map"), "classifier must be one of"),
+    (dict(classifier="cls"), "classifier must be one of"),
     (dict(posemb="sincos"), "posemb must be one of"),
     (dict(num_heads=3), "not divisible by num_heads=3"),
     (dict(remat=True, remat_policy="dots_saveable_typo"), "remat_policy 'dots_saveable_typo'"),

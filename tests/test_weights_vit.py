@@ -2,6 +2,8 @@
 
 Fixtures come from tests/fixtures/make_vit_fixtures.py (timm's own models with random weights).
 Parity tolerance: 1e-5 absolute on logits of magnitude ~1-3, float32, highest matmul precision.
+The hybrids' reference is timm's model with the official ResNet-root normalisation (what vit_jax
+implements); the fixture also holds timm's own normalisation and each of its two differences as controls.
 """
 import json
 import pathlib
@@ -50,6 +52,43 @@ def test_timm_parity(name, scan):
   model = vit_jax.get_model("ViT-B_16", **dict(opts, scan=scan))
   variables = vit_jax.load_pretrained(FIX / f"{weights}.safetensors", model=model, posemb_resize=resize)
   np.testing.assert_allclose(logits(variables, model, images), want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["hybrid_token", "hybrid_stem_gap"])
+def test_hybrid_root_normalisation_is_the_official_one(name, monkeypatch):
+  """Weight standardisation (w - mean) / (std + 1e-5) and GroupNorm eps 1e-6, as the official code.  Swapping
+  in timm's sqrt(var + 1e-8), its eps 1e-5, or both, gives timm's numbers (the fixture's controls), each far
+  outside the tolerance: the parity test above fails for either swap."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from vit_jax.models import vit
+  opts, images, want, weights, _ = case(name)
+  io = np.load(FIX / f"{name}.io.npz")
+  model = vit_jax.get_model("ViT-B_16", **opts)
+  variables = vit_jax.load_pretrained(FIX / f"{weights}.safetensors", model=model)
+  np.testing.assert_allclose(logits(variables, model, images), want, atol=TOL, rtol=0)
+  for control in ("logits_timm", "logits_std_timm", "logits_gn_timm"):
+    assert np.abs(io[control] - want).max() > 10 * TOL, control
+
+  def timm_standardisation(self, param_name, *args, **kwargs):
+    param = nn.Conv.param(self, param_name, *args, **kwargs)
+    if param_name != "kernel":
+      return param
+    kernel = jnp.asarray(param, jnp.float32)
+    kernel = kernel - jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+    return (kernel / jnp.sqrt(jnp.var(kernel, axis=(0, 1, 2), keepdims=True) + 1e-8)).astype(param.dtype)
+
+  def timm_group_norm(name, dtype, param_dtype, *args, **kwargs):
+    return nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name=name)
+
+  for control, std, gn in [("logits_std_timm", True, False), ("logits_gn_timm", False, True),
+                           ("logits_timm", True, True)]:
+    with monkeypatch.context() as patch:
+      if std:
+        patch.setattr(vit.StdConv, "param", timm_standardisation)
+      if gn:
+        patch.setattr(vit, "_group_norm", timm_group_norm)
+      np.testing.assert_allclose(logits(variables, model, images), io[control], atol=TOL, rtol=0, err_msg=control)
 
 
 def test_parity_tolerance_is_discriminating():

@@ -47,7 +47,12 @@ def initialize_distributed() -> None:
 
 
 def print_predictions(workdir: str, config, count: int) -> None:
-  """A few test predictions from the checkpoint on disk (through vit_jax.restore, as a user would)."""
+  """A few test predictions from the checkpoint on disk (through vit_jax.restore, as a user would).
+
+  Every process calls it: restoring synchronises the processes (Orbax barriers), so either all take
+  part or none does.  Each restores onto its own first device and predicts its own share of the first
+  evaluation batch; process 0 prints.
+  """
   import jax
   import numpy as np
   import vit_jax
@@ -58,8 +63,11 @@ def print_predictions(workdir: str, config, count: int) -> None:
     saved.input_eval.cache = False  # one batch is read; a cache would be left half-filled
   batch = next(iter(trainer.eval_iterator(saved, saved.num_classes)))
   images, labels = batch["image"][:count], batch["label"][:count]
-  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  device = jax.local_devices()[0]  # process-local: no collective, whatever the other processes do
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jax.device_put(images, device))
   probs = np.asarray(jax.nn.softmax(logits, -1))
+  if jax.process_index() != 0:
+    return
   print(f"Predictions of the restored checkpoint ({saved.model.name}, {saved.dataset}/{saved.eval_split}):")
   for i, (p, y) in enumerate(zip(probs, labels)):
     guess = int(np.argmax(p))
@@ -83,16 +91,18 @@ def main(argv):
   if jax.process_index() == 0:
     summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     print(f"Done: {summary}", flush=True)
-  if not result.get("preempted") and config.num_predictions and jax.process_index() == 0:
+  if not result.get("preempted") and config.num_predictions:  # all processes (see print_predictions)
     print_predictions(FLAGS.workdir, config, config.num_predictions)
 
 
 def run():
   # Errors a user can fix (bad config, mesh, sizes) are shown as one message, not a traceback.
-  from vit_jax.train.checkpoint import ConfigMismatchError
+  from vit_jax.train.checkpoint import CheckpointRestoreError, CheckpointWriteError, ConfigMismatchError
+  from vit_jax.train.lock import WorkdirLockedError
   try:
     app.run(main)
-  except (ValueError, TypeError, FileNotFoundError, ConfigMismatchError, FloatingPointError) as e:
+  except (ValueError, TypeError, FileNotFoundError, ConfigMismatchError, FloatingPointError, CheckpointWriteError,
+          CheckpointRestoreError, WorkdirLockedError) as e:
     if os.environ.get("VIT_JAX_TRACEBACK"):
       raise
     print(f"ERROR: {e}\n(set VIT_JAX_TRACEBACK=1 for the full traceback)", file=sys.stderr, flush=True)

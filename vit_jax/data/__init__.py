@@ -14,13 +14,17 @@ Public entry point (other tools rely on it):
   8x8 digits, our builder, prepares itself offline), "imagenet21k/fall11" or
   "imagenet21k/winter21" (our builder, manual download), "folder:<root>" with
   `<root>/<split>/<class>/*.jpg`.
-- train=True: endless stream, reshuffled every epoch from (seed, epoch) (a full permutation
-  for random-access sources: ArrayRecord builds, folders; a bounded shuffle buffer for
-  TFRecord builds), Inception crop + flip (+ RandAugment), batches cross epoch ends,
-  mask all True.  Each process drops the split's remainder so all shares are equal.
+- train=True: endless stream, reshuffled every epoch from (seed, epoch) (random-access sources,
+  i.e. ArrayRecord builds (digits, imagenet21k) and folders: a full permutation of the whole split
+  in one global order that does not depend on the number of processes, so a run resumed with
+  another process count continues it exactly; TFRecord builds: each process's share through a
+  bounded shuffle buffer), Inception crop + flip (+ RandAugment), batches cross epoch ends,
+  mask all True.
   train=False: one pass in fixed order, each example once; the last batch is padded
   (mask False) and every process yields the same number of batches (`it.num_batches`).
-- Undecodable images are dropped and counted in the log, never a crash mid-epoch.
+- Undecodable images (and only those: any other error is raised) are skipped, counted and logged
+  with their file or record id, up to `max_bad_fraction` (default 1%) of an epoch or evaluation
+  pass; beyond it `UndecodableDataError` stops the pipeline.
 - `get_source(name)` opens a data set once (`.num_classes`, `.num_examples(split)`; pass it
   to `get_dataset(..., source=)`); `num_examples(name, split)`, `num_classes(name)`,
   `known_datasets()`.  "synthetic" (`vit_jax.data.synthetic`) answers without TensorFlow.

@@ -61,6 +61,11 @@ class PrefetchIterator:
   def get_state(self):
     return self._state
 
+  @property
+  def skipped(self) -> int:
+    """Undecodable examples the wrapped iterator dropped so far (prefetched batches included)."""
+    return int(getattr(self._iterator, "skipped", 0))
+
   def set_state(self, state):
     self._iterator.set_state(state)
     self._queue.clear()

@@ -6,6 +6,9 @@ the 17 grey levels 0..16 are scaled to 0..255 (v * 255 // 16) and copied to the
 three channels, so the pipeline treats them like any photo data set and resizes
 them to the model's input size.
 
+Stored as ArrayRecord (random access): training reads a fresh permutation of the
+whole split per epoch, in an order that does not depend on the number of processes.
+
 Splits are deterministic and independent of any random number generator:
 example i (scikit-learn order) goes to `test` when i % 5 == 4, else to `train`
 (1,438 train / 359 test; the order cycles through the classes, so both splits
@@ -35,12 +38,17 @@ def split_indices(n: int, split: str) -> np.ndarray:
 class Digits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 8x8 digits (UCI optdigits test set) as a TFDS data set."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "8x8 uint8 RGB, train = i % 5 != 4, test = i % 5 == 4."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "8x8 uint8 RGB, train = i % 5 != 4, test = i % 5 == 4.",
+                   "1.1.0": "The same examples, stored as ArrayRecord (random access)."}
 
   # TFDS 4.9.10 looks up the file of a builder inside a package through `importlib_resources`,
   # a back-port it does not install on Python >= 3.9 (ImportError); this is the file.
   code_path = epath.Path(__file__)
+
+  def __init__(self, *, file_format=None, **kwargs):
+    # ArrayRecord (random access) unless asked otherwise.
+    super().__init__(file_format=file_format or "array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

@@ -78,18 +78,47 @@ def check_options(crop: str, normalization: str):
     raise ValueError(f"Unknown normalization {normalization!r}; use one of {NORMALIZATIONS}.")
 
 
-def make_decode_fn(*, train: bool, image_size: tuple[int, int], crop: str, crop_pct: float,
-                   area_range=(0.05, 1.0)):
-  """Returns fn(encoded_bytes, seed) -> float32 [h, w, 3] in 0..255 (the part that can fail on bad files)."""
+def make_decode_only_fn(*, train: bool, crop: str, area_range=(0.05, 1.0)):
+  """Returns fn(encoded_bytes, seed) -> uint8 [h, w, 3]: the only step that fails on a bad file.
+
+  The input pipeline skips (and counts) exactly the examples this step fails on; every later step
+  (`make_resize_fn`, `make_augment_fn`) runs outside that net, so a wrong option is an error, not a
+  silently shrunken data set.  With the Inception crop the JPEG decoder reads only the crop window.
+  """
   def decode(data, seed):
     if train and crop == "inception":
-      image = decode_and_inception_crop(data, seed, area_range)
-      return resize(image, image_size)
-    image = decode_image(data)
+      return decode_and_inception_crop(data, seed, area_range)
+    return decode_image(data)
+  return decode
+
+
+def make_resize_fn(*, train: bool, image_size: tuple[int, int], crop: str, crop_pct: float):
+  """Returns fn(uint8 image) -> float32 [h, w, 3] in 0..255 (after `make_decode_only_fn`)."""
+  del train  # the Inception crop window was chosen while decoding
+
+  def finish(image):
     if crop == "resize_small_central_crop":
       return resize_small_central_crop(image, image_size, crop_pct)
     return resize(image, image_size)
-  return decode
+  return finish
+
+
+def make_decode_fn(*, train: bool, image_size: tuple[int, int], crop: str, crop_pct: float,
+                   area_range=(0.05, 1.0)):
+  """Returns fn(encoded_bytes, seed) -> float32 [h, w, 3] in 0..255 (decode, crop and resize in one)."""
+  decode = make_decode_only_fn(train=train, crop=crop, area_range=area_range)
+  finish = make_resize_fn(train=train, image_size=image_size, crop=crop, crop_pct=crop_pct)
+  return lambda data, seed: finish(decode(data, seed))
+
+
+def check_area_range(area_range) -> None:
+  """The Inception crop's area range must be 0 < low <= high <= 1 (checked before any image is read)."""
+  try:
+    low, high = (float(a) for a in area_range)
+  except (TypeError, ValueError):
+    raise ValueError(f"area_range must be (low, high), e.g. (0.05, 1.0); got {area_range!r}.") from None
+  if not 0.0 < low <= high <= 1.0:
+    raise ValueError(f"area_range must satisfy 0 < low <= high <= 1, e.g. (0.05, 1.0); got {area_range!r}.")
 
 
 def make_augment_fn(*, train: bool, flip: bool, randaugment, normalization: str):

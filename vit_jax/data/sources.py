@@ -52,6 +52,43 @@ def even_slice(n: int, index: int, count: int, drop_remainder: bool) -> tuple[in
   return start, start + base + (index < extra)
 
 
+class DatasetDownloadError(RuntimeError):
+  """A TFDS data set that is not on disk could not be downloaded (e.g. no network on this machine)."""
+
+
+# Exception classes (by name, anywhere in the cause chain) of a download that failed: no network, DNS,
+# refused connection, time-out (socket, urllib, requests/urllib3 as TFDS's downloader uses) or TFDS's own.
+_DOWNLOAD_ERRORS = ("gaierror", "ConnectionError", "NameResolutionError", "NewConnectionError", "MaxRetryError",
+                    "URLError", "TimeoutError", "Timeout", "ConnectTimeout", "DownloadError")
+_NETWORK_ERRORS = _DOWNLOAD_ERRORS[:-1]
+
+
+def download_failure(error: BaseException) -> str | None:
+  """'no network: <reason>' / 'the download failed: <reason>' when `error` comes from a failed download."""
+  seen, chain = set(), []
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  for kinds, what in ((_NETWORK_ERRORS, "no network"), (_DOWNLOAD_ERRORS, "the download failed")):
+    for e in reversed(chain):  # the root cause names the problem best (e.g. the DNS failure)
+      if any(k.__name__ in kinds for k in type(e).__mro__):
+        return f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+  return None
+
+
+def download_advice(name: str, data_dir, failure: str) -> str:
+  base = name.split("/")[0].split(":")[0]
+  root = os.fspath(data_dir) if data_dir else os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+  return (f"Could not download the data set {name!r} to prepare it ({failure}). TFDS downloads and prepares a data "
+          f"set on its first use. To use it here, prepare it on a machine with network access:\n"
+          f"    pip install tensorflow-datasets importlib_resources && tfds build {base} --data_dir=DIR\n"
+          f"  (or python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='DIR')"
+          f".download_and_prepare()\"), copy DIR/{base} to this machine and point data_dir at the copy's parent "
+          f"folder: --config.data_dir=DIR (Python: data_dir=DIR); it is then read from there, nothing is downloaded. "
+          f"(The data directory now is {root}.)")
+
+
 class TfdsSource:
   """A TFDS data set, prepared on first use (`digits` builds itself; others as TFDS allows)."""
 
@@ -67,11 +104,14 @@ class TfdsSource:
       config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
       try:
         self.builder.download_and_prepare(download_config=config)
-      except Exception:  # pylint: disable=broad-except
+      except Exception as e:  # pylint: disable=broad-except
         # Several processes preparing the same data set (e.g. `digits` on first use): the
         # one that loses the final rename fails although the data set is now there.
         rebuilt = tfds.builder(name, data_dir=data_dir)
         if not rebuilt.is_prepared():
+          failure = download_failure(e)
+          if failure is not None:
+            raise DatasetDownloadError(download_advice(name, data_dir, failure)) from e
           raise
         self.builder = rebuilt
 
@@ -94,6 +134,10 @@ class TfdsSource:
   @property
   def random_access(self) -> bool:
     return self.builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
+  def describe(self, split, index: int) -> str:
+    """How to find example `index` of `split` (for the log of undecodable examples)."""
+    return f"record {index} of {self.name} split {str(split)!r}"
 
   def raw(self, split) -> tf.data.Dataset:
     if self.random_access:
@@ -179,6 +223,11 @@ class FolderSource:
     return _FolderSplit(split, start, stop)
 
   random_access = True
+
+  def describe(self, split, index: int) -> str:
+    """The file of example `index` of `split` (for the log of undecodable examples)."""
+    paths, _ = self._files_of(split)
+    return paths[index] if 0 <= index < len(paths) else f"example {index} of {self.name} split {split!r}"
 
   def raw(self, split) -> tf.data.Dataset:
     return self.read(split, tf.data.Dataset.range(self.num_examples(split)))

@@ -65,7 +65,8 @@ class SyntheticTrain:
     return {"image": images[self.rows], "label": labels[self.rows]}
 
   def get_state(self) -> dict:
-    return {"step": self.step}
+    # Batch t is cut out of the same global batch for any process count: a "global" order.
+    return {"step": self.step, "order": "global"}
 
   def set_state(self, state: dict) -> None:
     self.step = int(state["step"])

@@ -22,6 +22,7 @@ paper's 24.2M parameters for class-token and pairwise fusion on CrossViT-S).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -378,6 +379,28 @@ class CrossViT(nn.Module):
     """Parameter name -> (patch grid, prefix tokens) of each learned position embedding."""
     return {f"pos_embed_{i}": (grid, 1) for i, grid in enumerate(self.grids())}
 
+  def attention_layout(self, path: str) -> Optional[registry.AttentionLayout]:
+    """Token geometry of the attention layer at module `path` (vit_jax.analysis); None if unknown.
+
+    Branch self-attention: `multiscale_block_{k}/branch_{i}_block_{n}`; cross-attention of branch
+    i's class token onto branch j's patches: `multiscale_block_{k}/fusion_{i}_{l}`.
+    """
+    match = re.fullmatch(r"multiscale_block_(\d+)/(?:branch_(\d)_block_(\d+)|fusion_(\d)_(\d+))", path)
+    if match is None:
+      return None
+    k, branch, n, fused, l = (None if g is None else int(g) for g in match.groups())
+    per_block = self.small_depth + self.large_depth + 2 * self.cross_depth
+    # Pixels of the input image between patches: the L-branch patches cover more of it (240 -> 224).
+    image_hw = layers.to_2tuple(self.image_size)
+    patch_px = [tuple(self.patch_sizes[i] * s / b for s, b in zip(image_hw, size))
+                for i, size in enumerate(self.branch_sizes())]
+    if branch is not None:
+      depth = k * per_block + n + (self.small_depth if branch == 1 else 0)
+      return registry.AttentionLayout(depth, "self", self.grids()[branch], patch_px[branch], 1, branch=branch)
+    keys = 1 - fused
+    depth = k * per_block + self.small_depth + self.large_depth + fused * self.cross_depth + l
+    return registry.AttentionLayout(depth, "cross", self.grids()[keys], patch_px[keys], 1, branch=keys)
+
   # ------------------------------------------------------------------ forward
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -410,11 +433,13 @@ class CrossViT(nn.Module):
           attention_implementation=self.attention_implementation, remat=self.remat,
           dtype=self.dtype, param_dtype=self.param_dtype, name=f"multiscale_block_{k}")(xs, deterministic)
 
-    logits = []
+    logits, class_tokens = [], []
     for i, x in enumerate(xs):
       cls = _layer_norm(self.dtype, self.param_dtype, f"norm_{i}")(x[:, 0])
+      class_tokens.append(cls)
       logits.append(_dense(self.num_classes, self.dtype, self.param_dtype, (EMBED, CLASSES),
                            name=f"head_{i}")(cls).astype(jnp.float32))
+    self.sow("intermediates", registry.FEATURES, jnp.concatenate(class_tokens, axis=-1))
     return (logits[0] + logits[1]) / 2.0
 
 
@@ -446,22 +471,22 @@ TIMM_NAMES = {
 }
 
 
-def _pretrained(name: str) -> tuple[registry.PretrainedCfg, ...]:
-  """The released ImageNet-1k weights (IBM release, timm `crossvit_*.in1k`): resize to 274, centre crop
-  240 (crop_pct 0.875), bicubic, ImageNet mean/std; the dagger 15/18 also at 408 (crop_pct 1.0)."""
-  cfgs = [registry.PretrainedCfg("in1k", 240, crop_pct=0.875, mean=registry.IMAGENET_MEAN,
-                                 std=registry.IMAGENET_STD, timm_name=f"{TIMM_NAMES[name]}.in1k")]
-  if name in ("CrossViT-15-dagger", "CrossViT-18-dagger"):
-    cfgs.append(registry.PretrainedCfg("in1k_408", 408, crop_pct=1.0, mean=registry.IMAGENET_MEAN,
-                                       std=registry.IMAGENET_STD,
-                                       timm_name=TIMM_NAMES[name].replace("_240", "_408") + ".in1k"))
-  return tuple(cfgs)
+def _layer_id(path: str, model: CrossViT) -> int:
+  """Depth order of layer-wise lr decay, as timm's CrossVit.group_matcher: both branches' patch embeddings,
+  class tokens and position embeddings 0, multiscale_block_k k + 1 (its branch blocks and fusion together),
+  the final norms and heads K + 1."""
+  top = path.split("/")[0]
+  if re.fullmatch(r"(patch_embed|cls_token|pos_embed)_\d+", top):
+    return 0
+  match = re.fullmatch(r"multiscale_block_(\d+)", top)
+  return int(match[1]) + 1 if match else model.num_multiscale_blocks + 1
 
 
 registry.register_family(registry.Family(
     name="crossvit", module=CrossViT, variants=VARIANTS,
     converters=("vit_jax.weights.timm.crossvit", "vit_jax.weights.ibm"),
-    timm_names=TIMM_NAMES, pretrained={name: _pretrained(name) for name in VARIANTS},
+    timm_names=TIMM_NAMES,
     timm_kwargs=registry.regularisation_only({"drop_rate": "dropout_rate", "attn_drop_rate": "attention_dropout_rate",
                                               "drop_path_rate": "drop_path_rate"}),
-    head=("head_0", "head_1"), posemb_resize="bicubic"))
+    head=("head_0", "head_1"), posemb_resize="bicubic",
+    layer_id=_layer_id, num_layers=lambda model: model.num_multiscale_blocks + 2))

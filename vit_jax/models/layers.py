@@ -28,6 +28,9 @@ Initializer = Callable[..., jax.Array]
 
 EMBED, MLP, HEADS, KV, CLASSES, CONV_IN, LAYERS = "embed", "mlp", "heads", "kv", "classes", "conv_in", "layers"
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# The collection `Attention` sows its probabilities into ([batch, heads, queries, keys], float32), only when an
+# `apply` asks for it as mutable (`vit_jax.analysis.capture`); otherwise nothing extra is computed.
+ATTENTION_WEIGHTS = "attention_weights"
 
 
 def logical(init: Initializer, names: Sequence[Optional[str]]) -> Initializer:
@@ -74,7 +77,9 @@ class Attention(nn.Module):
   computed in float32.  `bias` ([heads, q, k] or [batch, heads, q, k]) is added
   to the logits (MaxViT's relative position bias).  Attention-probability
   dropout needs the probabilities, so with `dropout_rate > 0` in training the
-  product is written out instead.
+  product is written out instead.  With the collection `ATTENTION_WEIGHTS`
+  mutable, the probabilities are also sown there (computed on the side, so the
+  output is the same with and without).
   """
   num_heads: int
   head_dim: Optional[int] = None
@@ -110,21 +115,29 @@ class Attention(nn.Module):
       if bias.ndim == 3:
         bias = bias[None]
     if self.dropout_rate > 0.0 and not deterministic:
-      scale = head_dim ** -0.5
-      logits = jnp.einsum("bqhd,bkhd->bhqk", query * scale, key).astype(jnp.float32)
-      if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-      probs = jax.nn.softmax(logits, axis=-1)
+      probs = attention_probabilities(query, key, bias)
       probs = nn.Dropout(self.dropout_rate, broadcast_dims=())(probs, deterministic=False)
       out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)
     else:
       out = jax.nn.dot_product_attention(query, key, value, bias=bias,
                                          implementation=self.implementation)
+    # `init` makes every collection but "intermediates" mutable: sow only when an apply asks for them.
+    if self.is_mutable_collection(ATTENTION_WEIGHTS) and not self.is_initializing():
+      self.sow(ATTENTION_WEIGHTS, "probs", attention_probabilities(query, key, bias))
     return nn.DenseGeneral(
         features=self.out_features or features, axis=(-2, -1), use_bias=self.use_bias,
         dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=logical(self.kernel_init, (HEADS, KV, EMBED)),
         bias_init=logical(self.bias_init, (EMBED,)), name="out")(out)
+
+
+def attention_probabilities(query: jax.Array, key: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:
+  """softmax(q k^T / sqrt(d) + bias) in float32: [batch, heads, queries, keys] from [batch, tokens, heads, d]."""
+  scale = query.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query * scale, key, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  return jax.nn.softmax(logits, axis=-1)
 
 
 class DropPath(nn.Module):

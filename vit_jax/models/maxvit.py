@@ -19,6 +19,7 @@ Variables: `params` and, for the BatchNorms, `batch_stats` (updated with
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Any, Optional, Sequence
 
 import einops
@@ -344,6 +345,28 @@ class MaxViT(_Common):
     """No absolute position embeddings (the relative-bias tables are resized by the key name)."""
     return {}
 
+  def attention_layout(self, path: str) -> Optional[registry.AttentionLayout]:
+    """Token geometry of the attention layer at module `path` (vit_jax.analysis); None if unknown.
+
+    `block_{stage}_{j}/block_attn` attends within windows of neighbouring positions,
+    `block_{stage}_{j}/grid_attn` within windows of positions spread over the whole feature map.
+    """
+    match = re.fullmatch(r"block_(\d+)_(\d+)/(block|grid)_attn", path)
+    if match is None:
+      return None
+    stage, j, kind = int(match[1]), int(match[2]), match[3]
+    window = self.windows()
+    # A stage's first MBConv halves the map; attention placed before it sees the previous size.
+    before_mbconv = j == 0 and self.block_order.index(kind) < self.block_order.index("mbconv")
+    image_hw = layers.to_2tuple(self.image_size)
+    feature = tuple(stage_sizes(n, len(self.depths))[stage + (0 if before_mbconv else 1)] for n in image_hw)
+    stride = tuple(n / f for n, f in zip(image_hw, feature))
+    if kind == "grid":  # neighbouring keys of a grid window are feature / window positions apart
+      stride = tuple(s * f / w for s, f, w in zip(stride, feature, window))
+    attentions = [layer for layer in self.block_order if layer != "mbconv"]
+    depth = 2 * (sum(self.depths[:stage]) + j) + attentions.index(kind)
+    return registry.AttentionLayout(depth, kind, window, stride, 0, feature_size=feature)
+
   @nn.compact
   def __call__(self, images, train: bool = False):
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -382,6 +405,7 @@ class MaxViT(_Common):
                    kernel_init=logical(_KERNEL_INIT, (EMBED, MLP)), bias_init=logical(_ZEROS, (MLP,)),
                    name="pre_logits")(x)
       x = jnp.tanh(x)
+    self.sow("intermediates", registry.FEATURES, x)  # the pre-logit features (registry.features)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=logical(_KERNEL_INIT, (MLP, CLASSES)), bias_init=logical(_ZEROS, (CLASSES,)),
@@ -407,26 +431,20 @@ TIMM_NAMES = {"MaxViT-T": "maxvit_tiny_tf_224", "MaxViT-S": "maxvit_small_tf_224
               "MaxViT-XL": "maxvit_xlarge_tf_384"}
 
 
-def _pretrained(name: str) -> tuple[registry.PretrainedCfg, ...]:
-  """Official releases as timm's `maxvit_*_tf_*`: ImageNet-1k at 224 with ImageNet mean/std, crop_pct
-  0.95; the 384/512 fine-tunes and all ImageNet-21k models in [-1, 1], resize only (crop_pct 1.0)."""
-  arch = TIMM_NAMES[name].rsplit("_", 1)[0]  # maxvit_tiny_tf
-  cfgs = []
-  if name != "MaxViT-XL":
-    cfgs.append(registry.PretrainedCfg("in1k", 224, crop_pct=0.95, mean=registry.IMAGENET_MEAN,
-                                       std=registry.IMAGENET_STD, timm_name=f"{arch}_224.in1k"))
-  for size in (384, 512):
-    if name != "MaxViT-XL":
-      cfgs.append(registry.PretrainedCfg(f"in1k_{size}", size, crop_pct=1.0, timm_name=f"{arch}_{size}.in1k"))
-    if name in ("MaxViT-B", "MaxViT-L", "MaxViT-XL"):
-      cfgs.append(registry.PretrainedCfg(f"in21k_ft_in1k_{size}", size, crop_pct=1.0,
-                                         timm_name=f"{arch}_{size}.in21k_ft_in1k"))
-  return tuple(cfgs)
+def _layer_id(path: str, model: MaxViT) -> int:
+  """Depth order of layer-wise lr decay, as timm's MaxxVit.group_matcher (one place per stage): the stem 0,
+  every block of stage s s + 1, the head (norm, pre-logits, classifier) len(depths) + 1."""
+  top = path.split("/")[0]
+  if top.startswith("stem_"):
+    return 0
+  match = re.fullmatch(r"block_(\d+)_\d+", top)
+  return int(match[1]) + 1 if match else len(model.depths) + 1
 
 
 registry.register_family(registry.Family(
     name="maxvit", module=MaxViT, variants=MODEL_CONFIGS,
     converters=("vit_jax.weights.timm.maxvit", "vit_jax.weights.tf_maxvit"),
-    timm_names=TIMM_NAMES, pretrained={name: _pretrained(name) for name in MODEL_CONFIGS},
+    timm_names=TIMM_NAMES,
     timm_kwargs=registry.regularisation_only({"drop_rate": "dropout_rate", "drop_path_rate": "drop_path_rate"}),
-    head=("head",), posemb_resize="bilinear"))
+    head=("head",), posemb_resize="bilinear",
+    layer_id=_layer_id, num_layers=lambda model: len(model.depths) + 2))

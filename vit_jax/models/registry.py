@@ -8,19 +8,26 @@ know about a family, so that nothing else branches on its name:
   converters    modules under `vit_jax.weights` that register the family's checkpoint formats
                 (imported on first use of `load_pretrained` / `export_timm`)
   timm_names    model name -> timm architecture at the native resolution (benchmarks, export)
-  pretrained    model name -> the released weights' input settings (`PretrainedCfg`, as timm's
-                `pretrained_cfg`): image size, crop, interpolation, mean/std, class count
   timm_kwargs   (module, names of overridden fields) -> keyword arguments of `timm.create_model` that
                 build the same architecture and regularisation (the bench's `--vs timm`); raises
                 ValueError for overrides timm cannot express
   head          top-level head modules, replaced by a zero head for a new class count
   posemb_resize the family's default position-embedding resize ('bilinear' as the official ViT
                 code, 'bicubic' as timm / the official CrossViT code)
+  layer_id      (parameter path 'a/b/kernel', module) -> its place in the depth order of layer-wise
+                learning-rate decay (0 = the embeddings ... num_layers(module) - 1 = the head), as timm's
+                `group_matcher`; a tuple (one id per layer) for a scanned stack's leading axis
+  num_layers    module -> the number of places in that order
+  patch_kernels parameter paths of the patch-embedding kernels [ph, pw, in, out] that the fit step may
+                resample to another patch size (FlexiViT PI-resize)
 
 `get_model` builds a module from a name plus keyword overrides; overrides are
 checked against the module's dataclass fields so that a typo fails loudly.
 Every family module validates its options at construction (`check_config`,
 called from `__post_init__`), so a bad image size fails in `get_model`.
+
+The released weights and their input settings live in one table, the catalogue
+(`vit_jax.weights.catalog`); `pretrained_cfgs(name)` reads it.
 """
 from __future__ import annotations
 
@@ -44,26 +51,30 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
-@dataclasses.dataclass(frozen=True)
-class PretrainedCfg:
-  """Input settings of one released weight, as timm's `pretrained_cfg`."""
-  tag: str                         # the release, e.g. timm's tag "augreg2_in21k_ft_in1k"
-  image_size: int
-  num_classes: int = 1000
-  crop_pct: float = 0.875          # central crop of the resized image (1.0: resize only)
-  interpolation: str = "bicubic"
-  mean: tuple[float, float, float] = INCEPTION_MEAN
-  std: tuple[float, float, float] = INCEPTION_STD
-  timm_name: str | None = None     # timm's `architecture.tag` for these weights
+ATTENTION_KINDS = ("self", "cross", "block", "grid")
 
-  @property
-  def normalization(self) -> str:
-    """The name `vit_jax.data` uses for this mean/std ('minus_one_one' or 'imagenet')."""
-    if (self.mean, self.std) == (INCEPTION_MEAN, INCEPTION_STD):
-      return "minus_one_one"
-    if (self.mean, self.std) == (IMAGENET_MEAN, IMAGENET_STD):
-      return "imagenet"
-    raise ValueError(f"no vit_jax.data normalisation for mean {self.mean}, std {self.std}.")
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayout:
+  """Where the queries and keys of one attention layer sit in the input image (`vit_jax.analysis`).
+
+  Each family's module answers `attention_layout(path)` for the module path of a layer (the module
+  that holds a `layers.Attention`, e.g. "Transformer/encoderblock_3"), or None when its tokens are
+  not one patch grid (then the layer is captured but has no geometry).
+  """
+  depth: int                         # the layer's place in the forward pass (0 = first attention)
+  kind: str                          # "self": the tokens attend to each other; "cross": class-token or
+                                     # probe queries onto a grid of keys; "block" / "grid": MaxViT's
+                                     # windows of neighbours / of image-wide dilated positions
+  grid: tuple[int, int]              # the keys' patch grid (one window for "block" / "grid")
+  patch_size: tuple[float, float]    # input pixels between neighbouring keys (rows, columns)
+  num_prefix_tokens: int = 0         # class tokens before the grid among the keys (and, "self", queries)
+  branch: int = 0                    # CrossViT: the branch whose tokens are the keys
+  feature_size: tuple[int, int] | None = None  # "block" / "grid": the feature map the windows tile
+
+  def __post_init__(self):
+    if self.kind not in ATTENTION_KINDS:
+      raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, got {self.kind!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +84,12 @@ class Family:
   variants: Mapping[str, Mapping[str, Any]]
   converters: tuple[str, ...] = ()
   timm_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
-  pretrained: Mapping[str, tuple[PretrainedCfg, ...]] = dataclasses.field(default_factory=dict)
   timm_kwargs: Callable[[nn.Module, set[str]], dict[str, Any]] | None = None
   head: tuple[str, ...] = ("head",)
   posemb_resize: str = "bilinear"
+  layer_id: Callable[[str, nn.Module], int | tuple[int, ...]] | None = None
+  num_layers: Callable[[nn.Module], int] | None = None
+  patch_kernels: tuple[str, ...] = ()
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -92,9 +105,9 @@ def register_family(family: Family) -> Family:
   twice = sorted(set(family.variants) & set(_BY_MODEL))
   if twice:
     raise ValueError(f"Model name(s) {twice} are registered twice.")
-  unknown = sorted((set(family.timm_names) | set(family.pretrained)) - set(family.variants))
+  unknown = sorted(set(family.timm_names) - set(family.variants))
   if unknown:
-    raise ValueError(f"{family.name}: timm names / pretrained settings for unknown variants {unknown}.")
+    raise ValueError(f"{family.name}: timm names for unknown variants {unknown}.")
   _FAMILIES[family.name] = family
   _BY_MODULE[family.module] = family
   for name in family.variants:
@@ -175,9 +188,19 @@ def regularisation_only(timm_rates: Mapping[str, str]) -> Callable[[nn.Module, s
   return kwargs
 
 
-def pretrained_cfgs(name: str) -> tuple[PretrainedCfg, ...]:
-  """The input settings of every released weight of the model `name` (first: the default)."""
-  return tuple(get_family(name).pretrained.get(name, ()))
+def pretrained_cfgs(name: str):
+  """The catalogue entries (`vit_jax.weights.catalog.Pretrained`: image size, crop, interpolation,
+  mean/std, class count, timm name, ...) of every released weight of the model `name` (first: the default)."""
+  get_family(name)  # an unknown name fails here
+  from vit_jax.weights import catalog
+  return catalog.for_model(name)
+
+
+def __getattr__(name):
+  if name == "PretrainedCfg":  # the catalogue entry is the per-release settings record
+    from vit_jax.weights.catalog import Pretrained
+    return Pretrained
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_overrides(name: str, overrides: Mapping[str, Any]) -> None:
@@ -228,3 +251,20 @@ def init_variables(model: nn.Module, rng: jax.Array) -> dict:
 def abstract_variables(model: nn.Module) -> dict:
   """The shapes of `model`'s variables, boxed with their logical axis names (no memory, no compute)."""
   return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+
+
+# ----------------------------------------------------------------------------- features
+
+# Every family sows the input of its classifier head under this name in "intermediates".
+FEATURES = "features"
+
+
+def features(model: nn.Module, variables, images) -> jax.Array:
+  """Pre-logit features [batch, width] of any family's model: what its head sees (eval mode).
+
+  ViT/hybrid: the class token, the mean or the MAP-pooled tokens after the final norm (and the
+  representation layer, if any); CrossViT: both branches' normed class tokens, concatenated;
+  MaxViT: the pooled, normed tokens after the tanh pre-logits layer.
+  """
+  _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+  return state["intermediates"][FEATURES][0].astype(jnp.float32)

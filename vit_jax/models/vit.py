@@ -9,8 +9,10 @@ Module and parameter names equal the official linen model (`models_vit.py`,
   Transformer/posembed_input/pos_embedding     learned position embedding, cls row first
   Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}
   Transformer/encoder_norm
+  MAPHead_0/{probe, MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}
+                                               attention-pooling head (classifier='map', big_vision)
   pre_logits                                   optional representation layer (Dense + tanh)
-  head
+  head                                         (none with num_classes=0: the model returns the pooled features)
 
 With `scan=True` the blocks are one `nn.scan` over depth: a single
 `Transformer/encoderblock` subtree whose parameters carry a leading depth axis
@@ -32,7 +34,7 @@ from vit_jax.models.layers import CLASSES, CONV_IN, EMBED, LAYERS, logical
 
 Dtype = Any
 
-CLASSIFIERS = ("token", "gap")
+CLASSIFIERS = ("token", "gap", "map")
 POSEMBS = ("learn", "sincos2d")
 
 
@@ -237,13 +239,43 @@ class Encoder(nn.Module):
     # Stochastic depth grows linearly with depth, 0 for the first block (as timm / big_vision).
     rates = np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
     if self.scan:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+      # Sown values (vit_jax.analysis) come out stacked over depth like the parameters.
+      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0, layers.ATTENTION_WEIGHTS: 0},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=0, length=self.depth, metadata_params={nn.PARTITION_NAME: LAYERS})
       x, _ = stack(name="encoderblock", **block_args)(x, jnp.asarray(rates))
     else:
       for i in range(self.depth):
         x, _ = block(name=f"encoderblock_{i}", **block_args)(x, float(rates[i]))
     return _layer_norm("encoder_norm", self.dtype, self.param_dtype)(x)
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling, as big_vision's `MAPHead` (same parameter names, so its checkpoints load).
+
+  A learned probe [1, 1, D] attends over the tokens (`MultiHeadDotProductAttention_0`, probe as the
+  query), then `LayerNorm_0` and `MlpBlock_0` with a residual; returns the probe's output [n, D].
+  """
+  num_heads: int
+  mlp_dim: int
+  approximate_gelu: bool = True
+  attention_implementation: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, _, d = x.shape
+    probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, None, EMBED)), (1, 1, d),
+                       self.param_dtype)
+    probe = jnp.tile(jnp.asarray(probe, x.dtype), (n, 1, 1))
+    x = layers.Attention(num_heads=self.num_heads, implementation=self.attention_implementation, dtype=self.dtype,
+                         param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
+                         name="MultiHeadDotProductAttention_0")(probe, x)
+    y = _layer_norm("LayerNorm_0", self.dtype, self.param_dtype)(x)
+    x = x + layers.MlpBlock(mlp_dim=self.mlp_dim, approximate_gelu=self.approximate_gelu, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="MlpBlock_0")(y, deterministic=True)
+    return x[:, 0]
 
 
 class VisionTransformer(nn.Module):
@@ -255,7 +287,7 @@ class VisionTransformer(nn.Module):
   depth: int = 12
   mlp_dim: int = 3072
   num_heads: int = 12
-  classifier: str = "token"               # 'token' (cls token) or 'gap' (mean of the tokens)
+  classifier: str = "token"               # 'token' (cls token), 'gap' (mean of the tokens) or 'map' (MAPHead)
   representation_size: Optional[int] = None  # pre-logits Dense + tanh
   posemb: str = "learn"                   # 'learn' or 'sincos2d' (fixed, big_vision)
   dropout_rate: float = 0.0
@@ -277,6 +309,8 @@ class VisionTransformer(nn.Module):
 
   def check_config(self) -> None:
     """Raises ValueError naming the option to fix (also an image size the patch grid does not divide)."""
+    if self.num_classes < 0:
+      raise ValueError(f"num_classes must be >= 0 (0: no head, the model returns features), got {self.num_classes}.")
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}.")
     if self.posemb not in POSEMBS:
@@ -307,6 +341,16 @@ class VisionTransformer(nn.Module):
     if self.posemb != "learn":
       return {}
     return {"Transformer/posembed_input/pos_embedding": (self.grid_size, int(self.classifier == "token"))}
+
+  def attention_layout(self, path: str) -> registry.AttentionLayout | None:
+    """Token geometry of the attention layer at module `path` (vit_jax.analysis); None if unknown."""
+    prefix = int(self.classifier == "token")
+    if path == "MAPHead_0":  # the probe attends over all tokens, after the last block
+      return registry.AttentionLayout(self.depth, "cross", self.grid_size, self.total_stride, prefix)
+    block = path.removeprefix("Transformer/encoderblock_")
+    if not block.isdigit():
+      return None
+    return registry.AttentionLayout(int(block), "self", self.grid_size, self.total_stride, prefix)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -346,12 +390,22 @@ class VisionTransformer(nn.Module):
         remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
         name="Transformer")(x, train=train)
 
-    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.classifier == "token":
+      x = x[:, 0]
+    elif self.classifier == "map":
+      x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim, approximate_gelu=self.approximate_gelu,
+                  attention_implementation=self.attention_implementation, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="MAPHead_0")(x)
+    else:
+      x = jnp.mean(x, axis=1)
     if self.representation_size is not None:
       x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_logits",
                    kernel_init=logical(nn.initializers.lecun_normal(), (EMBED, None)),
                    bias_init=logical(nn.initializers.zeros, (None,)))(x)
       x = jnp.tanh(x)
+    self.sow("intermediates", registry.FEATURES, x)  # the pre-logit features (registry.features)
+    if not self.num_classes:  # no head: the pooled (pre-logits) features
+      return x.astype(jnp.float32)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
                  kernel_init=logical(nn.initializers.zeros, (EMBED if self.representation_size is None else None,
                                                              CLASSES)),
@@ -395,19 +449,6 @@ TIMM_NAMES = {
 }
 
 
-def _pretrained(name: str) -> tuple[registry.PretrainedCfg, ...]:
-  """Official npz releases (gs://vit_models): ImageNet-21k at 224, fine-tuned on ImageNet-1k at 384;
-  evaluated with a plain bilinear resize to [-1, 1] (crop_pct 1.0).  timm's AugReg ports: crop 0.9, bicubic."""
-  official = (
-      registry.PretrainedCfg("imagenet21k", 224, num_classes=21843, crop_pct=1.0, interpolation="bilinear"),
-      registry.PretrainedCfg("imagenet21k+imagenet2012", 384, crop_pct=1.0, interpolation="bilinear"))
-  timm = ()
-  if name in TIMM_NAMES and not name.startswith("R"):
-    timm = (registry.PretrainedCfg("augreg_in21k_ft_in1k", 224, crop_pct=0.9,
-                                   timm_name=f"{TIMM_NAMES[name]}.augreg_in21k_ft_in1k"),)
-  return official + timm
-
-
 _TIMM_RATES = {"drop_path_rate": "drop_path_rate", "proj_drop_rate": "dropout_rate",
                "pos_drop_rate": "dropout_rate", "attn_drop_rate": "attention_dropout_rate"}
 
@@ -419,14 +460,32 @@ def _timm_kwargs(model: VisionTransformer, overridden: set[str]) -> dict[str, An
   h, w = layers.to_2tuple(model.image_size)
   kwargs = dict(img_size=h if h == w else (h, w), patch_size=model.patch_size, embed_dim=model.hidden_size,
                 depth=model.depth, num_heads=model.num_heads, mlp_ratio=model.mlp_dim / model.hidden_size)
+  if model.classifier == "map":
+    raise ValueError("timm's attention pooling ('map') has other parameter names; classifier='map' cannot be "
+                     "matched there.")
   if model.classifier == "gap":
     kwargs.update(class_token=False, global_pool="avg")
   rates = registry.regularisation_only(_TIMM_RATES)(model, set())
   return dict(kwargs, **rates)
 
 
+def _layer_id(path: str, model: VisionTransformer) -> int | tuple[int, ...]:
+  """Depth order of layer-wise lr decay, as timm's VisionTransformer.group_matcher and BEiT: the embeddings
+  (patch embedding, hybrid ResNet root, class token, position embedding) 0, encoderblock_i i + 1 (a scanned
+  stack: 1..depth along its leading axis), everything after the blocks (final norm, MAP head, pre-logits,
+  head) depth + 1."""
+  parts = path.split("/")
+  if parts[0] in ("embedding", "cls", "conv_root", "gn_root", "pos_embedding") or \
+      (parts[0].startswith("block") and parts[0][5:].isdigit()) or parts[:2] == ["Transformer", "posembed_input"]:
+    return 0
+  if len(parts) > 1 and parts[0] == "Transformer" and parts[1].startswith("encoderblock"):
+    index = parts[1].removeprefix("encoderblock").lstrip("_")
+    return int(index) + 1 if index else tuple(range(1, model.depth + 1))
+  return model.depth + 1
+
+
 registry.register_family(registry.Family(
     name="vit", module=VisionTransformer, variants=VARIANTS, timm_kwargs=_timm_kwargs,
-    converters=("vit_jax.weights.official_npz", "vit_jax.weights.timm.vit"),
-    timm_names=TIMM_NAMES, pretrained={name: _pretrained(name) for name in VARIANTS},
-    head=("head",), posemb_resize="bilinear"))
+    converters=("vit_jax.weights.official_npz", "vit_jax.weights.timm.vit", "vit_jax.weights.transformers.vit"),
+    timm_names=TIMM_NAMES, head=("head",), posemb_resize="bilinear",
+    layer_id=_layer_id, num_layers=lambda model: model.depth + 2, patch_kernels=("embedding/kernel",)))

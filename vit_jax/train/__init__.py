@@ -5,7 +5,9 @@
   state        TrainState, created directly in its sharded layout
   step         jitted train step (accumulation, mixup, label smoothing) and eval step
   optim        optimisers (sgd / adam / adamw) and learning-rate schedules of the reference recipes
-  checkpoint   Orbax CheckpointManager wrapper, exact resume (read back by `vit_jax.restore`, in vit_jax.predict)
+  checkpoint   Orbax CheckpointManager wrapper, exact resume (read back by `vit_jax.restore`, in vit_jax.predict);
+               checksums, what counts as a corrupt checkpoint, write failures
+  lock         one run per workdir (a lock file that a killed run does not leave stuck)
   multihost    what the processes of a multi-process run exchange
   metrics      terminal progress, TensorBoard scalars (clu), metrics.jsonl
   trainer      the train loop `train_and_evaluate(config, workdir)`

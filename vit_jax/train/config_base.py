@@ -24,6 +24,8 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from vit_jax import fewshot
+
 DTYPE_FIELDS = ("dtype", "param_dtype")
 DURATION_FORMS = ("steps", "epochs", "examples")
 
@@ -72,11 +74,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict()  # extra options for vit_jax.data.get_dataset (training)
   c.input_eval = ml_collections.ConfigDict()  # ... and for evaluation
 
-  c.pretrained = ""  # path of an official .npz / timm file; "" = from scratch
+  # A checkpoint file, catalogue name (vit_jax.list_pretrained()) or URI that initialises a NEW run (a workdir
+  # with checkpoints always resumes them instead); "" or "scratch": random initialisation; None (a fine-tuning
+  # recipe's default): must be given, so that a forgotten checkpoint never trains from scratch in silence.
+  c.pretrained = _typed(str, "")
   c.seed = 0
   c.batch_size = 512  # global, over all devices and processes
   c.eval_batch_size = 512
-  c.accum_steps = 1
+  # Gradient accumulation: an int >= 1, or "auto": before training, compile the train step for candidate
+  # micro-batches and take the largest that fits the device memory (memory_stats, else memory_budget_gb).
+  c.accum_steps = ml_collections.FieldReference(1, field_type=object)
+  c.memory_budget_gb = 0.0  # per-device memory for accum_steps="auto"; 0: the device's own limit
   # Durations: exactly one form each (the others None); epochs/examples count the train split.
   c.total_steps = _typed(int, 10_000)
   c.total_epochs = _typed(float)
@@ -97,12 +105,35 @@ def base_config() -> ml_collections.ConfigDict:
   c.linear_end = 1e-5  # end of linear decay
   c.min_lr = 0.0  # end of cosine decay
   c.label_smoothing = 0.0
+  # Layer-wise learning-rate decay (BEiT / timm param_groups_layer_decay): the head at the full rate, block i
+  # of `depth` at layer_decay ** (depth - i), the embeddings lowest; the depth order is the model family's
+  # (registry.Family.layer_id).  0 or 1: off; e.g. 0.65-0.75.
+  c.layer_decay = 0.0
+  # Regular expression (re.fullmatch) of the parameter paths that are not trained, e.g.
+  # "Transformer/encoderblock_[0-5]/.*"; they get no optimiser state.  "": train everything.
+  c.frozen = ""
+  # EMA of the parameters (and BatchNorm statistics), evaluated alongside the raw ones: timm's ModelEmaV3.
+  # 0: off.  With ema_warmup the decay at update t is min(ema_decay, 1 - (1 + t / gamma) ** -power).
+  c.ema_decay = 0.0
+  c.ema_warmup = True
+  c.ema_warmup_gamma = 1.0
+  c.ema_warmup_power = 2 / 3
   c.mixup = ml_collections.ConfigDict({"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "switch_prob": 0.5})
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.checkpoint_every = 1000  # steps; 0: only at the end
   c.keep_checkpoints = 3
+  # When checkpoints exist but none can be restored, start from step 0 (moving them aside) instead of
+  # stopping (vit_jax.train.checkpoint); a restorable checkpoint is still resumed.
+  c.restart_from_scratch = False
+  # Undecodable examples are skipped up to this fraction of an epoch (or evaluation pass), then the run stops.
+  c.max_bad_fraction = 0.01
   c.eval_every = 1000  # steps; 0: only at the end
+  # Few-shot linear evaluation of the frozen pre-logit features (vit_jax.fewshot, as big_vision's
+  # fewshot_lsr evaluator), logged as fewshot_{k}shot; a data set name turns it on.
+  c.fewshot = ml_collections.ConfigDict(dict(dataset="", train_split="train", test_split="test",
+                                             shots=fewshot.SHOTS, seeds=3, l2_reg=fewshot.L2_REG))
+  c.fewshot_every = 0  # steps; 0: only at the end
   c.log_every = 10
   c.progress_secs = 5.0
   c.num_predictions = 0  # print this many test predictions from the restored checkpoint at the end
@@ -145,6 +176,48 @@ def training_steps(config, train_examples: int | None = None) -> tuple[int, int]
   if total < 1:
     raise ValueError(f"the run must last at least one step; total_steps resolves to {total}.")
   return total, warmup
+
+
+# ----------------------------------------------------------------------------- initialisation, accumulation
+
+SCRATCH = ("", "scratch")  # values of config.pretrained that mean a random initialisation
+
+
+def pretrained_source(config) -> str | None:
+  """The checkpoint that initialises a new run (config.pretrained), or None for random weights.
+
+  Raises when the recipe leaves `pretrained` to be given (None) and it was not.
+  """
+  value = config.get("pretrained")
+  if value is None:
+    raise ValueError(
+        "config.pretrained is not set, and this recipe fine-tunes a pretrained checkpoint: pass "
+        "--config.pretrained=NAME_OR_PATH (e.g. vit_models/imagenet21k/ViT-B_16 or an AugReg file; "
+        "vit_jax.list_pretrained(model=...) lists them), or --config.pretrained=scratch to train from random weights.")
+  return None if value.strip().lower() in SCRATCH else value
+
+
+def accum_steps_option(config) -> int | str:
+  """config.accum_steps checked: an int >= 1 or "auto"."""
+  value = config.accum_steps
+  if isinstance(value, str) and value.strip().lower() == "auto":
+    return "auto"
+  if isinstance(value, str) and value.strip().isdigit():
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"accum_steps must be an integer >= 1 or 'auto', got {value!r}.")
+  return value
+
+
+def ema_options(config) -> dict | None:
+  """`step.make_train_step(ema=...)` of the config: the EMA decay options, None without EMA (ema_decay 0)."""
+  decay = float(config.get("ema_decay") or 0.0)
+  if not decay:
+    return None
+  if not 0.0 < decay < 1.0:
+    raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.9999), or 0 for no EMA; got {decay}.")
+  return dict(decay=decay, warmup=bool(config.ema_warmup), gamma=float(config.ema_warmup_gamma),
+              power=float(config.ema_warmup_power))
 
 
 # ----------------------------------------------------------------------------- the model

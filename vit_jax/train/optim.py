@@ -8,12 +8,26 @@ Weight decay applies to kernels only (not biases, norms, position embeddings or
 the class token), as big_vision's default mask `.*/kernel$` and timm's
 no_weight_decay lists.  Optimiser state stays float32 (mixed precision only
 changes the compute dtype of the model).
+
+On top of any of them (they need the model, `make_optimizer(..., model=)`):
+
+  layer_decay  layer-wise learning-rate decay (BEiT, timm `param_groups_layer_decay`): every update is
+               scaled by layer_decay ** (num_layers - 1 - layer_id), the depth order being the model
+               family's (`registry.Family.layer_id`): the head at the full rate, the embeddings lowest.
+               Scaling the update equals a per-group learning rate for SGD-momentum and AdamW alike
+               (updates are linear in the rate; AdamW's decoupled decay scales with it, as in PyTorch).
+  frozen       a regex (re.fullmatch on 'a/b/kernel' paths): those parameters get `optax.set_to_zero()`
+               through `optax.multi_transform`, so no optimiser state at all; the trained ones get the
+               optimiser above, whose gradient clipping then sees only them (as big_vision's frozen mask).
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vit_jax.train import config_base
@@ -53,12 +67,66 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-def make_optimizer(config, total_steps: int | None = None,
-                   warmup_steps: int | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def param_path(path) -> str:
+  """'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel' of a jax key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def layer_scales(params: Any, model, layer_decay: float) -> Any:
+  """Per leaf of `params`, its layer-wise lr factor: layer_decay ** (num_layers - 1 - layer_id) (a float, or for
+  a scanned stack an array broadcasting over its leading layer axis)."""
+  from vit_jax.models import registry
+  family = registry.get_family(model)
+  if family.layer_id is None or family.num_layers is None:
+    raise ValueError(f"layer_decay: the {family.name} family defines no depth order (registry.Family.layer_id).")
+  top = family.num_layers(model) - 1
+
+  def scale(path, leaf):
+    ids = family.layer_id(param_path(path), model)
+    if isinstance(ids, tuple):
+      factors = np.asarray([layer_decay ** (top - i) for i in ids], np.float32)
+      return factors.reshape((-1,) + (1,) * (len(np.shape(leaf)) - 1))
+    return float(layer_decay ** (top - ids))
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def scale_by_layer(model, layer_decay: float) -> optax.GradientTransformation:
+  """Multiplies each update by its `layer_scales` factor (stateless)."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    scales = layer_scales(updates, model, layer_decay)
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+  return optax.GradientTransformation(init, update)
+
+
+def frozen_labels(params: Any, pattern: str) -> Any:
+  """'frozen' / 'trained' per leaf: does its path fully match `pattern`?  Raises when it matches none or all."""
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"frozen={pattern!r} is not a regular expression: {e}.") from None
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if regex.fullmatch(param_path(path)) else "trained", params)
+  kinds = jax.tree.leaves(labels)
+  if "frozen" not in kinds or "trained" not in kinds:
+    example = param_path(jax.tree_util.tree_leaves_with_path(params)[0][0])
+    what = "no parameter" if "frozen" not in kinds else "every parameter"
+    raise ValueError(f"frozen={pattern!r} matches {what} (re.fullmatch on paths like {example!r}); "
+                     "e.g. 'Transformer/encoderblock_[0-5]/.*' freezes the first six ViT blocks.")
+  return labels
+
+
+def make_optimizer(config, total_steps: int | None = None, warmup_steps: int | None = None, *,
+                   model=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optax transformation, learning-rate schedule) from the training config.
 
   `total_steps`, `warmup_steps`: the run's durations in steps when already resolved
   (`config_base.training_steps`); by default config.total_steps and config.warmup_steps.
+  `model`: the module trained (needed for config.layer_decay and config.frozen).
   """
   if total_steps is None or warmup_steps is None:
     total, warmup = config_base.training_steps(config)
@@ -78,4 +146,18 @@ def make_optimizer(config, total_steps: int | None = None,
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
   if config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  layer_decay, frozen = float(config.get("layer_decay") or 0.0), config.get("frozen") or ""
+  if (layer_decay and layer_decay != 1.0 or frozen) and model is None:
+    raise ValueError("layer_decay / frozen need the model: make_optimizer(config, ..., model=model).")
+  if layer_decay and layer_decay != 1.0:
+    if not 0.0 < layer_decay < 1.0:
+      raise ValueError(f"layer_decay must be in (0, 1) (e.g. 0.75), or 0 for none; got {layer_decay}.")
+    tx = optax.chain(tx, scale_by_layer(model, layer_decay))
+  if frozen:
+    import flax.linen as nn
+    from vit_jax.models import registry
+    abstract = nn.meta.unbox(registry.abstract_variables(model)["params"])
+    frozen_labels(abstract, frozen)  # fails here (not at the first step) when it matches none or all
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
+                               lambda params: frozen_labels(params, frozen))
   return tx, lr

@@ -5,6 +5,17 @@ and sums their gradients in a `lax.scan`; the micro-batches interleave examples
 (`i, i + accum, ...`) so that each stays split over the data-parallel devices
 without moving data.  The mean of equal-sized micro-batch means equals the
 full-batch mean, so accum_steps=k and one big step give the same update.
+
+BatchNorm (MaxViT) under accumulation: each micro-batch is normalised with its
+own statistics (as on k devices without cross-device BatchNorm), and every
+micro-batch updates the running statistics from the same starting point; the
+new running statistics are the mean over micro-batches of those updates:
+    stats' = mean_i (m * stats + (1 - m) * batch_stat_i) = m * stats + (1 - m) * mean_i batch_stat_i,
+so one step moves them once, by the mean of the micro-batch means (= the full
+batch's mean) and of the micro-batch variances, whatever accum_steps is.
+
+With an EMA in the state (`ema=`), it is updated after the optimiser step from
+the new parameters and statistics (`state.update_ema`, timm's ModelEmaV3).
 """
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vit_jax.data import mixup as mixup_lib
 from vit_jax.train import sharding as shd
+from vit_jax.train import state as state_lib
 from vit_jax.train.state import TrainState
 
 
@@ -41,13 +53,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     mesh: jax.sharding.Mesh, state_shardings: TrainState, *, accum_steps: int = 1,
-                    label_smoothing: float = 0.0, mixup: dict | None = None) -> Callable:
+                    label_smoothing: float = 0.0, mixup: dict | None = None,
+                    ema: dict | None = None) -> Callable:
   """`step(state, batch) -> (state, metrics)`, jitted with shardings; `state` is donated.
 
   `batch` = {"image": f32 [B, h, w, 3], "label": int32 [B]} split over (data, fsdp).
   `mixup` = {"mixup_alpha", "cutmix_alpha", "switch_prob"} or None.
-  metrics: loss, grad_norm, param_norm, learning_rate (replicated scalars).
+  `ema` = keyword arguments of `state.ema_decay` ({"decay", "warmup", "gamma", "power"}) when the state
+  keeps an EMA (state_shardings(..., ema=True)), else None.
+  metrics: loss, grad_norm, param_norm, learning_rate (replicated scalars), and ema_decay with an EMA.
   """
+  if bool(ema) != state_lib.has_ema(state_shardings):
+    raise ValueError("make_train_step: pass ema= exactly when the state keeps an EMA (state_shardings(ema=True)).")
   num_classes = model.num_classes
   has_bn = bool(jax.tree.leaves(state_shardings.batch_stats))
 
@@ -83,17 +100,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
       def micro(carry, xs):
-        grads_sum, loss_sum, batch_stats, i = carry
-        (loss, batch_stats), grads = grad_fn(state.params, batch_stats, xs[0], xs[1],
+        grads_sum, loss_sum, stats_sum, i = carry
+        # Every micro-batch starts from the step's running statistics (see the module docstring).
+        (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, xs[0], xs[1],
                                              jax.random.fold_in(dropout_rng, i))
         grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-        return (grads_sum, loss_sum + loss, batch_stats, i + 1), None
+        stats_sum = jax.tree.map(jnp.add, stats_sum, batch_stats)
+        return (grads_sum, loss_sum + loss, stats_sum, i + 1), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, loss, batch_stats, _), _ = jax.lax.scan(
-          micro, (zeros, jnp.zeros((), jnp.float32), state.batch_stats, jnp.zeros((), jnp.int32)),
+          micro, (zeros, jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.batch_stats),
+                  jnp.zeros((), jnp.int32)),
           (split(images), split(targets)))
       grads = jax.tree.map(lambda g: g / accum_steps, grads)
+      batch_stats = jax.tree.map(lambda s: s / accum_steps, batch_stats)
       loss = loss / accum_steps
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -101,6 +122,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
     metrics = {"train_loss": loss, "grad_norm": _global_norm(grads),
                "param_norm": _global_norm(params), "learning_rate": lr_schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats)
+    if ema:
+      decay = state_lib.ema_decay(state.step + 1, **ema)
+      new_state = new_state.replace(ema=state_lib.update_ema(state.ema, params, batch_stats, decay))
+      metrics["ema_decay"] = decay
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(state_shardings, shd.batch_shardings(mesh, shd.TRAIN_KEYS)),

@@ -28,10 +28,13 @@ import optax
 from absl import logging
 
 from vit_jax import data
+from vit_jax import fewshot as fewshot_lib
 from vit_jax.data import device, synthetic
 from vit_jax.models.layers import to_2tuple
 from vit_jax.train import checkpoint as ckpt_lib
 from vit_jax.train import config_base
+from vit_jax.train import lock as lock_lib
+from vit_jax.train import memory as memory_lib
 from vit_jax.train import metrics as metrics_lib
 from vit_jax.train import multihost
 from vit_jax.train import optim
@@ -67,6 +70,7 @@ class Setup:
   lr_schedule: optax.Schedule
   abstract_state: state_lib.TrainState  # shapes and dtypes with their shardings (the restore target)
   shardings: state_lib.TrainState
+  accum_steps: int | str = 1  # config.accum_steps checked; "auto" until memory.fit_setup resolves it
 
 
 def open_dataset(config):
@@ -94,11 +98,13 @@ def _dataset_sizes(config, source) -> tuple[int, int]:
 
 def _check_batch_sizes(config, mesh) -> None:
   dp = shd.data_parallel_size(mesh)
-  per_step = dp * config.accum_steps
+  accum = config_base.accum_steps_option(config)
+  accum = 1 if accum == "auto" else accum  # "auto" only picks accumulations that divide the batch
+  per_step = dp * accum
   if config.batch_size % per_step or config.batch_size % jax.process_count():
     raise ValueError(
         f"batch_size={config.batch_size} must be divisible by the data-parallel size ({dp} = data "
-        f"{mesh.shape['data']} x fsdp {mesh.shape['fsdp']}) times accum_steps ({config.accum_steps}) = {per_step}"
+        f"{mesh.shape['data']} x fsdp {mesh.shape['fsdp']}) times accum_steps ({accum}) = {per_step}"
         + (f" and by the {jax.process_count()} processes" if jax.process_count() > 1 else "")
         + f"; use e.g. batch_size={max(per_step, config.batch_size // per_step * per_step)}.")
   if config.eval_batch_size % dp or config.eval_batch_size % jax.process_count():
@@ -116,24 +122,32 @@ def validate(config, num_devices: int | None = None) -> Setup:
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {optim.OPTIMIZERS}.")
   if config.decay_type not in optim.DECAY_TYPES:
     raise ValueError(f"unknown decay_type {config.decay_type!r}; choose one of {optim.DECAY_TYPES}.")
-  if config.accum_steps < 1:
-    raise ValueError(f"accum_steps must be >= 1, got {config.accum_steps}.")
+  accum_steps = config_base.accum_steps_option(config)
+  if accum_steps == "auto":
+    memory_lib.budget_bytes(config)  # a CPU without memory_budget_gb fails here, before the data set opens
+  ema = config_base.ema_options(config)
   devices = jax.devices() if num_devices is None else jax.devices()[:num_devices]
   mesh = shd.make_mesh(config.mesh.to_dict(), devices)
   _check_batch_sizes(config, mesh)
-  pretrained = config.pretrained
-  if pretrained and not (os.path.exists(pretrained) or os.path.exists(pretrained + ".index")):
-    raise FileNotFoundError(f"config.pretrained={pretrained!r} does not exist; give the path of an official "
-                            ".npz, a timm .safetensors/.pth or a TF checkpoint, or '' to train from scratch.")
+  pretrained = config_base.pretrained_source(config)  # None: scratch; raises when a recipe needs one
+  if pretrained:  # a path, a catalogue name or a URI (downloaded into the cache when the state is made)
+    from vit_jax.weights import hub
+    try:
+      hub.check_source(pretrained)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"config.pretrained: {e} Give an official .npz, a timm .safetensors/.pth, a TF "
+                              "checkpoint, a catalogue name or a URI, or '' to train from scratch.") from None
   source = open_dataset(config)
   num_classes, train_examples = _dataset_sizes(config, source)
   total_steps, warmup_steps = config_base.training_steps(config, train_examples)
-  tx, lr_schedule = optim.make_optimizer(config, total_steps, warmup_steps)  # schedule and optimiser options
   model = build_model(config, num_classes, overrides)  # the model checks its options (e.g. the image size)
-  abstract_state, shardings = state_lib.state_shardings(model, tx, mesh)  # traces the model, no compilation
+  # Schedule and optimiser options (layer_decay, frozen: the model's parameter paths).
+  tx, lr_schedule = optim.make_optimizer(config, total_steps, warmup_steps, model=model)
+  # Traces the model, no compilation.
+  abstract_state, shardings = state_lib.state_shardings(model, tx, mesh, ema=ema is not None)
   return Setup(mesh=mesh, source=source, num_classes=num_classes, train_examples=train_examples,
                total_steps=total_steps, warmup_steps=warmup_steps, model=model, tx=tx, lr_schedule=lr_schedule,
-               abstract_state=abstract_state, shardings=shardings)
+               abstract_state=abstract_state, shardings=shardings, accum_steps=accum_steps)
 
 
 # ----------------------------------------------------------------------------- data
@@ -151,7 +165,8 @@ def _iterator(config, num_classes: int, *, train: bool, source=None):
                 seed=config.seed, process_index=pi, process_count=pc)
   return data.get_dataset(config.dataset, split, batch_size=global_batch // pc, image_size=config.image_size,
                           train=train, seed=config.seed, data_dir=config.data_dir or None, process_index=pi,
-                          process_count=pc, source=source, **dict(options))
+                          process_count=pc, source=source,
+                          **{"max_bad_fraction": config.get("max_bad_fraction", 0.01), **dict(options)})
 
 
 def train_iterator(config, num_classes: int, source=None):
@@ -172,20 +187,35 @@ def evaluate(eval_step, state, config, setup: Setup) -> dict[str, float]:
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
   count = float(sums["count"])
+  # Every example of the split once: only undecodable ones (counted, and at most max_bad_fraction) may lack.
+  skipped = sum(multihost.allgather_json(batches.skipped))
+  expected = setup.source.num_examples(config.eval_split)
+  if int(count) + skipped != expected:
+    raise ValueError(f"evaluation covered {int(count)} examples of {config.dataset} {config.eval_split!r} "
+                     f"(+ {skipped} undecodable, skipped), but the split has {expected}: the input pipeline lost "
+                     "or repeated examples. Check the data set (a rebuilt or truncated split?).")
   result = {"eval_accuracy": float(sums["correct"]) / count, "eval_loss": float(sums["loss_sum"]) / count,
-            "eval_examples": count}
+            "eval_examples": count, "eval_skipped": skipped}
   if setup.num_classes >= 100:
     result["eval_top5_accuracy"] = float(sums["correct_top5"]) / count
   return result
 
 
-def initial_state(config, setup: Setup) -> state_lib.TrainState:
+def initial_state(config, setup: Setup, report: list | None = None) -> state_lib.TrainState:
   """A fresh sharded TrainState: random, or from `config.pretrained` (zero-initialised head when the
-  class count differs, position embeddings resized to config.image_size: weights.core.load_pretrained)."""
+  class count differs, position embeddings resized to config.image_size: weights.core.load_pretrained).
+  `report` (a list) receives one line saying where the weights came from and how they were adapted."""
   variables = None
-  if config.pretrained:
+  pretrained = config_base.pretrained_source(config)
+  if pretrained:
     from vit_jax.weights import core
-    variables = core.load_pretrained(config.pretrained, model=setup.model)
+    notes = []
+    variables = core.load_pretrained(pretrained, model=setup.model, report=notes)
+    origin = f"pretrained weights {pretrained!r}" + (f" ({'; '.join(notes)})" if notes else "")
+  else:
+    origin = f"random weights (seed {config.seed}; config.pretrained={config.pretrained!r}: from scratch)"
+  if report is not None:
+    report.append(origin)
   return state_lib.create_train_state(setup.model, setup.tx, setup.mesh, config.seed, variables, setup.shardings)
 
 
@@ -267,11 +297,17 @@ class LaggedMetrics:
 
 def _evaluate_and_log(eval_step, state, config, setup: Setup, step: int, logger) -> dict[str, Any]:
   results = evaluate(eval_step, state, config, setup)
-  logger.write(step, {k: v for k, v in results.items() if k != "eval_examples"})
+  if state_lib.has_ema(state):  # the EMA weights too, logged as eval_ema_*
+    ema = evaluate(eval_step, state_lib.ema_view(state), config, setup)
+    results.update({k.replace("eval_", "eval_ema_", 1): v for k, v in ema.items()
+                    if k not in ("eval_examples", "eval_skipped")})
+  logger.write(step, {k: v for k, v in results.items() if k not in ("eval_examples", "eval_skipped")})
   if jax.process_index() == 0:
     extra = f", top-5 {results['eval_top5_accuracy']:.2%}" if "eval_top5_accuracy" in results else ""
+    ema = f"; EMA weights: top-1 {results['eval_ema_accuracy']:.2%}" if "eval_ema_accuracy" in results else ""
+    skipped = f" ({results['eval_skipped']} undecodable skipped)" if results.get("eval_skipped") else ""
     print(f"eval at step {step}: top-1 {results['eval_accuracy']:.2%}{extra} over "
-          f"{int(results['eval_examples'])} examples", flush=True)
+          f"{int(results['eval_examples'])} examples{skipped}{ema}", flush=True)
   return dict(results, step=step)
 
 
@@ -288,7 +324,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   stop = _StopFlag()
   stop.install()
   try:
-    return _train_and_evaluate(config, workdir, stop, t_start)
+    # One run per workdir: a second one stops here, naming the first (host, PID).
+    with lock_lib.lock_workdir(workdir):
+      return _train_and_evaluate(config, workdir, stop, t_start)
   finally:
     stop.uninstall()
 
@@ -305,20 +343,29 @@ def _announce(config, setup: Setup, workdir: str) -> None:
 
 def _resume_or_start(config, setup: Setup, checkpointer, train_iter) -> tuple[state_lib.TrainState, int | None]:
   """(state, step of the checkpoint resumed from or None): the newest checkpoint with the input
-  pipeline's position, else a fresh state."""
+  pipeline's position, else a fresh state.  A workdir with checkpoints is always resumed: config.pretrained
+  only ever initialises a new run.  The line printed says which of the two happened, and from what."""
   restored = checkpointer.restore(setup.abstract_state, config)
   if restored is None:
-    return initial_state(config, setup), None
+    report = []
+    state = initial_state(config, setup, report)
+    if jax.process_index() == 0:
+      print(f"Started a new run in {checkpointer.workdir} (no checkpoint there) from {report[0]}.", flush=True)
+    return state, None
   state, data_state, step = restored
   if data_state is not None:
     train_iter.set_state(data_state)
   if jax.process_index() == 0:
-    print(f"Resumed from the checkpoint at step {step} in {checkpointer.directory}.", flush=True)
+    unused = (f"; config.pretrained={config.pretrained!r} is not loaded: it only initialises a new run"
+              if config.get("pretrained") and config.pretrained.strip().lower() not in config_base.SCRATCH else "")
+    print(f"Resumed from the checkpoint at step {step} in {checkpointer.directory}{unused}.", flush=True)
   return state, step
 
 
 def _train_and_evaluate(config, workdir: str, stop: _StopFlag, t_start: float) -> dict[str, Any]:
   setup = validate(config)
+  # accum_steps="auto": compile the step for candidate micro-batches, keep the largest that fits.
+  setup = memory_lib.fit_setup(config, setup, log=_print0)
   config.num_classes = setup.num_classes  # saved with the checkpoints: vit_jax.restore rebuilds the model
   _announce(config, setup, workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
@@ -330,13 +377,16 @@ def _train_and_evaluate(config, workdir: str, stop: _StopFlag, t_start: float) -
 
   total = setup.total_steps
   train_step = step_lib.make_train_step(
-      setup.model, setup.tx, setup.lr_schedule, setup.mesh, setup.shardings, accum_steps=config.accum_steps,
-      label_smoothing=config.label_smoothing, mixup=_mixup_options(config))
+      setup.model, setup.tx, setup.lr_schedule, setup.mesh, setup.shardings, accum_steps=setup.accum_steps,
+      label_smoothing=config.label_smoothing, mixup=_mixup_options(config), ema=config_base.ema_options(config))
   eval_step = step_lib.make_eval_step(setup.model, setup.mesh, setup.shardings)
+  # Opens its data set now, so that a bad name fails before training.
+  fewshot_eval = fewshot_lib.TrainingEvaluator(config, setup) if config.fewshot.dataset else None
   logger = metrics_lib.MetricsLogger(workdir)
   progress = metrics_lib.Progress(total, config.batch_size, config.progress_secs, start_step)
   log_every = max(config.log_every, 1)
-  periodic = Periodic(total, {"log": log_every, "checkpoint": config.checkpoint_every, "eval": config.eval_every})
+  periodic = Periodic(total, {"log": log_every, "checkpoint": config.checkpoint_every, "eval": config.eval_every,
+                              **({"fewshot": config.fewshot_every} if fewshot_eval else {})})
   lagged = LaggedMetrics()
   final = {}
   try:
@@ -348,6 +398,7 @@ def _train_and_evaluate(config, workdir: str, stop: _StopFlag, t_start: float) -
       due = periodic(step) | ({"log"} if step == start_step + 1 else set())  # the first step: compile time
       preempted = stop.anywhere(step, log_every) or checkpointer.reached_preemption(step)
       if due or preempted:  # log; this step's loss must be finite before it is saved
+        checkpointer.check_for_errors()  # a failed asynchronous save stops the run now, not at the next save
         logger.write(step, lagged.flush())
         progress.maybe_report(step, float(lagged.last["train_loss"]), float(lagged.last["learning_rate"]),
                               force=step == total)
@@ -365,6 +416,11 @@ def _train_and_evaluate(config, workdir: str, stop: _StopFlag, t_start: float) -
       if "eval" in due:
         with progress.paused():
           final = _evaluate_and_log(eval_step, state, config, setup, step, logger)
+      if "fewshot" in due:
+        with progress.paused():
+          fewshot_results = fewshot_eval(state)
+        logger.write(step, fewshot_results)
+        final.update(fewshot_results)
     if not final:  # resumed at total_steps: nothing left to train; still report
       final = dict(evaluate(eval_step, state, config, setup), step=step)
     final["wall_secs"] = time.time() - t_start
@@ -377,6 +433,11 @@ def _train_and_evaluate(config, workdir: str, stop: _StopFlag, t_start: float) -
   finally:
     checkpointer.close()
     logger.close()
+
+
+def _print0(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, flush=True)
 
 
 def _mixup_options(config) -> dict | None:

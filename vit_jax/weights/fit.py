@@ -7,8 +7,8 @@ adapted here, driven by the target's abstract variables (as big_vision's
 
   layers     loop <-> scan layout: `X_{i}/rest` (one entry per layer) <-> `X/rest` with a
              leading layer axis, whichever the target has
-  head       a representation layer (`pre_logits`) the model lacks is dropped; the family's head
-             modules are replaced by a zero head (bias `head_bias_init` where the model has one)
+  head       a representation layer (`pre_logits`) the model lacks is dropped, and so is a head
+             when the model has none (num_classes=0); the family's head modules are replaced by a zero head (bias `head_bias_init` where the model has one)
              when their class count differs or the checkpoint has none (the official
              fine-tuning policy)
   posemb     learned position embeddings (`model.position_embeddings()`: name -> grid, prefix
@@ -16,6 +16,11 @@ adapted here, driven by the target's abstract variables (as big_vision's
              a table without the class-token row (big_vision) gets a zero row
   rel. bias  `*/relative_bias` tables [heads, 2h-1, 2w-1] are resized to the model's window
              (TF bilinear, as the official MaxViT code)
+  patch      a patch-embedding kernel (the family's `patch_kernels`) of another patch size is
+             resampled to the model's (`patch_resize="pi"`: FlexiViT's pseudo-inverse resize, big_vision
+             `resample_patchemb`): with the patch size p -> p' >= p, a patch bilinearly resized to p'
+             gives the very token the original kernel gave the original patch; p' < p is the
+             least-squares best such kernel
 
 and finally every key and shape is checked: `CheckpointMismatchError` names
 each missing, unexpected and mis-shaped key.  Nothing loads partially.
@@ -32,6 +37,7 @@ from vit_jax.models import layers
 
 Flat = dict[str, np.ndarray]
 POSEMB_RESIZE_METHODS = ("bilinear", "bicubic")
+PATCH_RESIZE_METHODS = ("pi",)
 _NUMBERED = re.compile(r"^(.*)_(\d+)$")
 
 
@@ -150,33 +156,89 @@ def resize_posemb(posemb, *, grid: tuple[int, int], num_prefix: int, method: str
   return np.concatenate([prefix_rows, table.reshape(1, -1, width)], axis=1)
 
 
+# ----------------------------------------------------------------------------- patch embeddings
+
+def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in]: 1-D linear resampling with half-pixel centres and clamped edges, no antialiasing
+  (`tf.image.resize(..., "bilinear")`, the resize of the input pipeline and of big_vision's FlexiViT)."""
+  matrix = np.zeros((n_out, n_in), np.float64)
+  for i in range(n_out):
+    x = (i + 0.5) * n_in / n_out - 0.5
+    x0 = math.floor(x)
+    frac = x - x0
+    matrix[i, min(max(x0, 0), n_in - 1)] += 1.0 - frac
+    matrix[i, min(max(x0 + 1, 0), n_in - 1)] += frac
+  return matrix
+
+
+def bilinear_resize_matrix(old_hw: tuple[int, int], new_hw: tuple[int, int]) -> np.ndarray:
+  """[new_h * new_w, old_h * old_w]: bilinear resize of a row-major flattened [h, w] patch."""
+  return np.kron(linear_resize_matrix(old_hw[0], new_hw[0]), linear_resize_matrix(old_hw[1], new_hw[1]))
+
+
+def resample_patch_kernel(kernel, new_hw: tuple[int, int], method: str = "pi") -> np.ndarray:
+  """[ph, pw, in, out] -> [new_h, new_w, in, out] (FlexiViT PI-resize, big_vision `resample_patchemb`):
+  new = pinv(B^T) old per (in, out) channel, B the bilinear resize from the old patch size to the new."""
+  if method not in PATCH_RESIZE_METHODS:
+    raise ValueError(f"patch_resize must be one of {PATCH_RESIZE_METHODS} or None, got {method!r}.")
+  kernel = np.asarray(kernel)
+  old_hw, new_hw = tuple(kernel.shape[:2]), tuple(new_hw)
+  if old_hw == new_hw:
+    return kernel
+  resize = bilinear_resize_matrix(old_hw, new_hw)
+  flat = kernel.astype(np.float64).reshape(old_hw[0] * old_hw[1], -1)
+  out = np.linalg.pinv(resize.T) @ flat
+  return out.reshape(new_hw + kernel.shape[2:]).astype(kernel.dtype if kernel.dtype.kind == "f" else np.float32)
+
+
 # ----------------------------------------------------------------------------- the step
 
 def fit_to_model(converted: Mapping[str, Any], model, expected: Mapping[str, Any], *, head: tuple[str, ...],
-                 posemb_resize: str) -> Flat:
+                 posemb_resize: str, patch_kernels: tuple[str, ...] = (), patch_resize: str | None = "pi",
+                 report: list | None = None) -> Flat:
   """Converted flat variables ('params/...', 'batch_stats/...') -> exactly the variables of `model`.
 
-  `expected` is `model`'s flat abstract variables; `head` its family's head modules.
+  `expected` is `model`'s flat abstract variables; `head` its family's head modules; `patch_kernels` its
+  patch-embedding kernels, resampled by `patch_resize` (None: a patch size that differs is a mismatch).
+  `report` (a list) receives one line per adaptation made (head reset, resizes).
   """
   check_resize_method(posemb_resize)
+  notes = [] if report is None else report
   out = match_layout({k: np.asarray(v) for k, v in converted.items()}, expected)
 
   reset = any(k.startswith("params/pre_logits/") for k in out) and \
       not any(k.startswith("params/pre_logits/") for k in expected)
   if reset:
     out = {k: v for k, v in out.items() if not k.startswith("params/pre_logits/")}
+    notes.append("representation layer pre_logits dropped")
   for name in head:
     kernel, bias = f"params/{name}/kernel", f"params/{name}/bias"
-    if kernel not in expected:
+    if kernel not in expected:  # a model without a head (num_classes=0, features): drop the checkpoint's
+      out = {k: v for k, v in out.items() if not k.startswith(f"params/{name}/")}
       continue
     if reset or kernel not in out or np.shape(out[kernel])[-1] != expected[kernel].shape[-1]:
+      notes.append(f"new zero-initialised {name} of {expected[kernel].shape[-1]} classes"
+                   + (f" (the checkpoint's has {np.shape(out[kernel])[-1]})" if kernel in out else ""))
       out[kernel] = np.zeros(expected[kernel].shape, np.float32)
       out[bias] = np.full(expected[bias].shape, getattr(model, "head_bias_init", 0.0), np.float32)
 
   for name, (grid, num_prefix) in model.position_embeddings().items():
     key = f"params/{name}"
     if key in out:
+      before = np.shape(out[key])
       out[key] = resize_posemb(out[key], grid=grid, num_prefix=num_prefix, method=posemb_resize)
+      if tuple(before) != tuple(out[key].shape):
+        notes.append(f"{name.split('/')[-1]} {before[-2] if len(before) > 1 else before[0]} -> "
+                     f"{out[key].shape[1]} tokens ({grid[0]}x{grid[1]} grid, {posemb_resize})")
+
+  for name in patch_kernels:
+    key = f"params/{name}"
+    value, spec = out.get(key), expected.get(key)
+    if patch_resize and value is not None and spec is not None and value.ndim == 4 \
+        and value.shape[:2] != tuple(spec.shape[:2]) and value.shape[2:] == tuple(spec.shape[2:]):
+      out[key] = resample_patch_kernel(value, tuple(spec.shape[:2]), patch_resize)
+      notes.append(f"{name} {value.shape[0]}x{value.shape[1]} -> {spec.shape[0]}x{spec.shape[1]} patches "
+                   f"({patch_resize}-resize)")
 
   for key, spec in expected.items():
     value = out.get(key)

@@ -3,7 +3,10 @@
 Only names and shapes change here:
   * an optional `opt/target/` (old optimizer wrapper) or `params/` (flax / big_vision) key prefix;
   * pre-linen block names (MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3) -> linen ones;
-  * big_vision's top-level `pos_embedding` (no class-token row) -> our position-embedding name;
+  * big_vision's top-level `pos_embedding` (no class-token row; older files: `Transformer/pos_embedding`)
+    -> our position-embedding name;
+  * big_vision's MAP head (`MAPHead_0/{probe, MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}`,
+    our names too; early ViT-G files had it inlined at the top level) for `classifier="map"`;
   * old GroupNorm scale/bias stored as (1, 1, 1, C) -> (C,).
 The scan layout of big_vision (`Transformer/encoderblock/...` with a leading depth axis), a head of
 another size, an unused pre_logits layer and another position-embedding grid are handled by the
@@ -42,10 +45,9 @@ def to_variables(flat: Flat, model) -> Flat:
   """Any accepted npz key layout -> our names ('params/...'), block layout as stored."""
   del model  # the npz names are ours already
   flat = strip_prefix(flat)
-  if any(k.startswith("MAPHead_0/") for k in flat):
-    raise core.CheckpointMismatchError(
-        "this big_vision checkpoint uses the MAP pooling head (MAPHead_0), which our ViT does not "
-        "implement; only 'token' and 'gap' classifiers are supported.")
+  if "probe" in flat:  # MAP head inlined at the top level (big_vision's fix_old_checkpoints)
+    inlined = ("probe", "MlpBlock_0/", "MultiHeadDotProductAttention_0/", "LayerNorm_0/")
+    flat = {(f"MAPHead_0/{k}" if k == "probe" or k.startswith(inlined[1:]) else k): v for k, v in flat.items()}
   out = {}
   for k, v in flat.items():
     parts = k.split("/")
@@ -55,8 +57,9 @@ def to_variables(flat: Flat, model) -> Flat:
     if re.search(r"(^|/)gn[^/]*/(scale|bias)$", name) and np.ndim(v) == 4:
       v = np.reshape(v, (-1,))  # flax < 0.3.6 stored GroupNorm params as (1, 1, 1, C)
     out[name] = v
-  if "pos_embedding" in out:  # big_vision keeps the table at the top level
-    out[POSEMB_KEY] = out.pop("pos_embedding")
+  for old in ("pos_embedding", "Transformer/pos_embedding"):  # big_vision (now / before 2022)
+    if old in out:
+      out[POSEMB_KEY] = out.pop(old)
   return {f"params/{k}": v for k, v in out.items()}
 
 

@@ -147,6 +147,9 @@ def _conv_back(w):  # HWIO -> OIHW
 
 def from_variables(flat: Flat, model) -> Flat:
   """Our variables (flat, 'params/...', loop layout) -> a timm VisionTransformer state_dict (numpy)."""
+  if model.classifier == "map":
+    raise ValueError("timm's attention pooling (global_pool='map') has other parameter names; a model with "
+                     "classifier='map' cannot be exported to timm.")
   if model.representation_size is not None:
     raise ValueError("timm's VisionTransformer has no representation (pre_logits) layer; a model with "
                      "representation_size cannot be exported to timm.")
