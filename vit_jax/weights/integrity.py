@@ -111,16 +111,21 @@ def _open_zip(path: str, what: str) -> zipfile.ZipFile:
     raise _fail(path, f"it is not a complete zip archive ({e}): truncated or corrupt {what}") from None
 
 
+def _check_member_sizes(path: str, info: zipfile.ZipInfo, size: int, kind: str) -> None:
+  """The sizes a zip directory entry claims, checked before any byte of it is read or inflated."""
+  if info.compress_size > size:
+    raise _fail(path, f"{kind} {info.filename!r} claims {info.compress_size} bytes, more than the whole file "
+                      f"({size}): truncated, or a directory that lies")
+  if info.compress_type != zipfile.ZIP_STORED and info.file_size > DEFLATE_MAX_RATIO * max(info.compress_size, 1):
+    raise _fail(path, f"{kind} {info.filename!r} claims to inflate {info.compress_size} bytes to "
+                      f"{info.file_size}, more than deflate can (a zip bomb?)")
+
+
 def check_npz(path: str) -> None:
   size = os.path.getsize(path)
   with _open_zip(path, ".npz") as archive:
     for info in archive.infolist():
-      if info.compress_size > size:
-        raise _fail(path, f"member {info.filename!r} claims {info.compress_size} bytes, more than the whole file "
-                          f"({size}): truncated, or a directory that lies")
-      if info.compress_type != zipfile.ZIP_STORED and info.file_size > DEFLATE_MAX_RATIO * max(info.compress_size, 1):
-        raise _fail(path, f"member {info.filename!r} claims to inflate {info.compress_size} bytes to "
-                          f"{info.file_size}, more than deflate can (a zip bomb?)")
+      _check_member_sizes(path, info, size, "member")
       if not info.filename.endswith(".npy"):
         continue
       try:
@@ -148,12 +153,7 @@ def check_zip_crcs(path: str) -> None:
   size = os.path.getsize(path)
   with _open_zip(path, "PyTorch file") as archive:
     for info in archive.infolist():
-      if info.compress_size > size:
-        raise _fail(path, f"record {info.filename!r} claims {info.compress_size} bytes, more than the whole file "
-                          f"({size}): truncated, or a directory that lies")
-      if info.compress_type != zipfile.ZIP_STORED and info.file_size > DEFLATE_MAX_RATIO * max(info.compress_size, 1):
-        raise _fail(path, f"record {info.filename!r} claims to inflate {info.compress_size} bytes to "
-                          f"{info.file_size}, more than deflate can")
+      _check_member_sizes(path, info, size, "record")
       try:
         with archive.open(info) as f:
           while f.read(1 << 22):
