@@ -75,7 +75,7 @@ for attempt in 1 2 3; do
   fi
   sleep 0.2  # let the output pipes drain into the log
   # The free port was taken by someone else before the coordinator bound it: retry on another one.
-  if [[ -z "${PORT:-}" ]] && grep -q "Failed to add port to server\|Failed to start RPC server" "$LOG"; then
+  if [[ -z "${PORT:-}" ]] && grep -q "Failed to add port to server\|Failed to start RPC server\|coordinator port [0-9]* is already in use" "$LOG"; then
     echo "launch/local.sh: port $port was taken before the coordinator could bind it; retrying with another" >&2
     continue
   fi
