@@ -325,8 +325,8 @@ def test_repeat_interleaves_timm_and_ours_and_reports_medians(capsys, monkeypatc
 
 
 def test_compile_only_allocates_nothing_and_reports_memory(capsys):
-  small = _run(capsys, TINY_VIT + ["--mode", "train", "--compile-only"])
-  big = _run(capsys, [a if a != "2" else "64" for a in TINY_VIT] + ["--mode", "train", "--compile-only"])
+  small = _run(capsys, TINY_VIT + ["--mode", "infer", "--compile-only"])
+  big = _run(capsys, [a if a != "2" else "64" for a in TINY_VIT] + ["--mode", "infer", "--compile-only"])
   for record in (small, big):
     assert record["compile_only"] and record["compile_s"] > 0 and "step_ms" not in record
   assert big["batch"] == 64 and big["xla_temp_bytes"] > small["xla_temp_bytes"] > 0
