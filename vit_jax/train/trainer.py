@@ -122,6 +122,7 @@ def validate(config, num_devices: int | None = None) -> Setup:
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {optim.OPTIMIZERS}.")
   if config.decay_type not in optim.DECAY_TYPES:
     raise ValueError(f"unknown decay_type {config.decay_type!r}; choose one of {optim.DECAY_TYPES}.")
+  step_lib.check_dropout_rng_impl(config.get("dropout_rng_impl", "threefry"))
   accum_steps = config_base.accum_steps_option(config)
   if accum_steps == "auto":
     memory_lib.budget_bytes(config)  # a CPU without memory_budget_gb fails here, before the data set opens
