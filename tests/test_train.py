@@ -173,6 +173,7 @@ class _CompileCounter:
     (dict(image_size=9), "image size 9x9 is not divisible by the patch size 2x2"),
     (dict(model=dict(name="ViT-B16")), "Unknown model 'ViT-B16'. Did you mean 'ViT-B_16'"),
     (dict(optimizer="adamm"), "unknown optimizer 'adamm'"),
+    (dict(dropout_rng_impl="philox"), "dropout_rng_impl must be one of"),
 ])
 def test_bad_input_fails_at_start_before_compiling(tmp_path, change, message, load_config):
   config = load_config()
