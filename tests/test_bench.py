@@ -280,7 +280,8 @@ def test_markdown_table_of_committed_results(capsys):
   lines = capsys.readouterr().out.splitlines()
   assert lines[0].startswith("| model | mode | batch |")
   rows = [line for line in lines[2:] if line.startswith("| ")]
-  assert len(rows) == 2 and all(row.startswith("| ViT-S_16 | ") for row in rows)
+  results = (BENCHMARKS / "results" / "cpu.jsonl").read_text().splitlines()
+  assert len(rows) == len(results) >= 2 and all(row.startswith("| ViT-S_16 | ") for row in rows)
 
 
 def test_malformed_set_is_a_usage_error(capsys):
@@ -298,3 +299,43 @@ def test_malformed_set_is_a_usage_error(capsys):
 def test_bad_input_is_a_clear_error(argv, message):
   with pytest.raises((ValueError, TypeError), match=message):
     bench.main(argv)
+
+
+def test_repeat_interleaves_timm_and_ours_and_reports_medians(capsys, monkeypatch):
+  calls = []
+  ours, theirs = iter([30.0, 10.0, 20.0]), iter([5.0, 7.0, 6.0])
+
+  def fake_jax(model, args, batch):
+    calls.append("jax")
+    return {"compile_s": 1.0, "step_ms": next(ours), "xla_memory_bytes": 123}
+
+  def fake_timm(spec, timeout=None):
+    calls.append("timm")
+    return {"timm_name": spec["timm_name"], "timm_eager_step_ms": next(theirs)}
+
+  monkeypatch.setattr(bench, "run_jax", fake_jax)
+  monkeypatch.setattr(bench, "run_timm", fake_timm)
+  record = _run(capsys, TINY_VIT + ["--vs", "timm", "--timm-modes", "eager", "--repeat", "3"])
+  assert calls == ["timm", "jax"] * 3
+  assert record["step_ms"] == 20.0 and record["img_per_sec"] == 100.0  # batch 2 / 20 ms
+  assert record["timm_eager_step_ms"] == 6.0 and record["vs_timm_eager"] == pytest.approx(0.3, abs=1e-3)
+  assert [r["step_ms"] for r in record["rounds"]] == [30.0, 10.0, 20.0]
+  assert [r["timm_eager_step_ms"] for r in record["rounds"]] == [5.0, 7.0, 6.0]
+  assert record["xla_memory_bytes"] == 123 and record["repeat"] == 3
+
+
+def test_compile_only_allocates_nothing_and_reports_memory(capsys):
+  small = _run(capsys, TINY_VIT + ["--mode", "infer", "--compile-only"])
+  big = _run(capsys, [a if a != "2" else "64" for a in TINY_VIT] + ["--mode", "infer", "--compile-only"])
+  for record in (small, big):
+    assert record["compile_only"] and record["compile_s"] > 0 and "step_ms" not in record
+  assert big["batch"] == 64 and big["xla_temp_bytes"] > small["xla_temp_bytes"] > 0
+
+
+def test_find_max_batch_against_a_memory_budget_compiles_only(capsys, monkeypatch):
+  monkeypatch.setattr(bench, "run_jax", lambda *a: pytest.fail("--memory-budget-gb must not run the step"))
+  needed = lambda model, mode, batch, seed=0: {"xla_memory_bytes": batch * 2 ** 20}  # 1 MiB per image
+  monkeypatch.setattr(bench, "compile_only", needed)
+  record = _run(capsys, TINY_VIT + ["--find-max-batch", "--memory-budget-gb", str(100 / 1024), "--batch", "8"])
+  assert record["max_batch"] == 96 and record["memory_budget_gb"] == pytest.approx(100 / 1024)
+  assert [t[:2] for t in record["trials"]][:5] == [[8, True], [16, True], [32, True], [64, True], [128, False]]

@@ -1,5 +1,6 @@
 """Sharded training on 8 simulated CPU devices: meshes, accumulation, precision, schedules, bad input."""
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +173,7 @@ class _CompileCounter:
     (dict(image_size=9), "image size 9x9 is not divisible by the patch size 2x2"),
     (dict(model=dict(name="ViT-B16")), "Unknown model 'ViT-B16'. Did you mean 'ViT-B_16'"),
     (dict(optimizer="adamm"), "unknown optimizer 'adamm'"),
+    (dict(dropout_rng_impl="philox"), "dropout_rng_impl must be one of"),
 ])
 def test_bad_input_fails_at_start_before_compiling(tmp_path, change, message, load_config):
   config = load_config()
@@ -332,3 +334,68 @@ def test_durations_in_steps_epochs_or_examples(load_config):
   config.total_epochs = 1.0
   with pytest.raises(ValueError, match="needs the size of the training split"):
     config_base.training_steps(config)
+
+
+_CACHED_RUN = """
+import importlib.util, json, sys
+import jax
+events = []
+jax.monitoring.register_event_listener(lambda event, **kwargs: events.append(event))
+from vit_jax.train import trainer
+spec = importlib.util.spec_from_file_location("testing", "configs/testing.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+config = module.get_config()
+config.update(dict(total_steps=2, warmup_steps=1, eval_every=0, checkpoint_every=0, compilation_cache_dir=sys.argv[2]))
+trainer.train_and_evaluate(config, sys.argv[1])
+print(json.dumps({k: events.count("/jax/compilation_cache/" + k) for k in ("cache_hits", "cache_misses")}))
+"""
+
+
+def test_a_second_start_loads_its_programs_from_the_compilation_cache(tmp_path):
+  # Two processes, as a restarted run: the second compiles nothing (every program is a cache hit).
+  import json
+  import subprocess
+  import sys
+
+  def start(name):
+    proc = subprocess.run([sys.executable, "-c", _CACHED_RUN, str(tmp_path / name), str(tmp_path / "cache")],
+                          cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+  first = start("first")
+  assert first["cache_hits"] == 0 and first["cache_misses"] > 0, first
+  entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+  assert len(entries) >= first["cache_misses"]
+  second = start("second")
+  assert second == {"cache_hits": first["cache_misses"], "cache_misses": 0}, (first, second)
+
+
+def test_fast_dropout_generators_keep_the_run_a_function_of_seed_and_step(load_config, initial_variables,
+                                                                         with_random_head):
+  impl = "rbg"  # unsafe_rbg takes the same path (step.dropout_key) with another key implementation
+  # Dropout masks drawn with an rbg key made from the step's key: the same state and batch give the same
+  # update (a resumed run repeats the masks), the next step draws new masks, and the masks are not
+  # threefry's.
+  config = load_config()
+  config.model.dropout_rate = 0.5
+  mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  model = trainer.build_model(config)
+  tx, lr = optim.make_optimizer(config)
+  _, shardings = state_lib.state_shardings(model, tx, mesh)
+  variables = with_random_head(initial_variables(config), 0)  # a zero head gives ln(10) whatever the masks
+  state = state_lib.create_train_state(model, tx, mesh, config.seed, variables)
+  batch = to_global(fixed_batches(1)[0], mesh)
+  losses = {}
+  for name in ("threefry", impl):
+    step = step_lib.make_train_step(model, tx, lr, mesh, shardings, dropout_rng_impl=name)
+    first = [float(step(jax.tree.map(jnp.copy, state), batch)[1]["train_loss"]) for _ in range(2)]
+    moved = float(step(state.replace(step=state.step + 1), batch)[1]["train_loss"])  # donated: last use
+    state = state_lib.create_train_state(model, tx, mesh, config.seed, variables)
+    assert first[0] == first[1] and moved != first[0], (name, first, moved)
+    losses[name] = first[0]
+  assert losses[impl] != losses["threefry"]
+  with pytest.raises(ValueError, match="dropout_rng_impl must be one of"):
+    step_lib.make_train_step(model, tx, lr, mesh, shardings, dropout_rng_impl="philox")

@@ -77,9 +77,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="compute dtype (parameters and optimiser state stay float32)")
   p.add_argument("--attention", choices=("xla", "cudnn"), default="xla")
   p.add_argument("--remat", action="store_true", help="rematerialise the blocks in the backward pass")
+  p.add_argument("--remat-policy", default=None,
+                 help="jax.checkpoint_policies entry for --remat (default: the model's, nothing_saveable)")
   p.add_argument("--scan", action="store_true", help="nn.scan over the encoder blocks (ViT)")
   p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--repeat", type=int, default=1,
+                 help="measure N times (with --vs timm: timm, then ours, N times interleaved) and report the "
+                      "medians; each round's figures are kept under `rounds`")
+  p.add_argument("--compile-only", action="store_true",
+                 help="compile the step on abstract inputs (nothing is allocated or run): compile_s and "
+                      "xla_memory_bytes only")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                  help="override a model field (Python literal), e.g. --set hidden_size=64; repeatable")
   p.add_argument("--vs", choices=("timm",), default=None,
@@ -93,16 +101,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--find-max-batch", action="store_true",
                  help="double, then bisect the batch until the step runs out of device memory")
   p.add_argument("--max-batch", type=int, default=8192, help="upper bound for --find-max-batch")
+  p.add_argument("--memory-budget-gb", type=float, default=None,
+                 help="--find-max-batch: fit XLA's memory analysis of the compiled step (abstract inputs, "
+                      "nothing runs) into this many GiB instead of running until out of memory (e.g. on CPU)")
   p.add_argument("--batch-multiple", type=int, default=8, help="granularity of --find-max-batch")
   p.add_argument("--out", default=None, help="also append the JSON line to this file")
   p.add_argument("--no-gpu-defaults", action="store_true", help="do not set XLA flags / memory fraction")
+  p.add_argument("--no-cpu-malloc", action="store_true",
+                 help="CPU: keep glibc's default allocator settings (see keep_freed_host_memory)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  for name in ("batch", "steps", "max_batch", "batch_multiple"):
+  for name in ("batch", "steps", "max_batch", "batch_multiple", "repeat"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
   if args.warmup < 0:
     p.error("--warmup must be >= 0.")
+  if args.remat_policy and not args.remat:
+    p.error("--remat-policy needs --remat.")
+  if args.memory_budget_gb is not None and (not args.find_max_batch or args.memory_budget_gb <= 0):
+    p.error("--memory-budget-gb needs --find-max-batch and a positive number of GiB.")
+  if args.compile_only and (args.vs or args.find_max_batch or args.repeat > 1):
+    p.error("--compile-only measures compilation alone: drop --vs, --find-max-batch and --repeat.")
   bad = sorted(set(args.timm_modes.split(",")) - {"eager", "compile"})
   if bad:
     p.error(f"--timm-modes accepts eager and/or compile, got {bad}.")
@@ -131,6 +150,34 @@ def apply_gpu_defaults() -> dict[str, str]:
   return {"XLA_FLAGS": flags, "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]}
 
 
+# ---------------------------------------------------------------------------------- CPU set-up
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+CPU_MALLOC_ENV = "GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+
+
+def keep_freed_host_memory() -> bool:
+  """Makes glibc keep the memory XLA:CPU frees instead of returning it to the system; True if applied.
+
+  XLA:CPU allocates a step's temporaries (about 1 GiB for a ViT-S/16 training step at batch 8) anew at
+  every execution, from a thread whose allocations glibc serves with a fresh mmap: each step page-faults
+  all of it again (250k faults, 0.4 s of system time per step on 2 cores). One arena, no mmap and a 2 GiB
+  trim threshold let the next step reuse the same pages (step 15-20% faster on this CPU; the results do
+  not change). Process-wide and before JAX starts its threads; the same as the environment setting
+  CPU_MALLOC_ENV for any other program (e.g. training on CPU). A no-op where the C library is not glibc.
+  """
+  import ctypes
+  import ctypes.util
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return False
+  return all(mallopt(option, value) == 1
+             for option, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+
+
 # ---------------------------------------------------------------------------------- the model
 
 
@@ -143,12 +190,14 @@ def build_model(args: argparse.Namespace):
   wanted = {"dtype": jnp.dtype(args.dtype), "attention_implementation": args.attention}
   if args.remat:
     wanted["remat"] = True
+    if args.remat_policy:
+      wanted["remat_policy"] = args.remat_policy
   if args.scan:
     wanted["scan"] = True
   for key, value in wanted.items():
     if key in fields:
       kwargs.setdefault(key, value)
-    elif key in ("remat", "scan"):
+    elif key in ("remat", "remat_policy", "scan"):
       raise ValueError(f"--{key} is not available for {args.model}: its module has no `{key}` field.")
   return registry.get_model(args.model, num_classes=args.num_classes, image_size=args.image_size, **kwargs)
 
@@ -215,6 +264,8 @@ def run_jax(model, args: argparse.Namespace, batch: int) -> dict[str, Any]:
   import jax.numpy as jnp
   from vit_jax.models import registry
 
+  if getattr(args, "compile_only", False):
+    return compile_only(model, args.mode, batch, args.seed)
   data_key = jax.random.key(args.seed + 2)
   images = jax.random.normal(data_key, registry.input_spec(model, batch).shape, jnp.float32)
   labels = jax.random.randint(jax.random.fold_in(data_key, 1), (batch,), 0, model.num_classes)
@@ -259,6 +310,31 @@ def run_jax(model, args: argparse.Namespace, batch: int) -> dict[str, Any]:
     result["final_loss"] = float(out[1])  # fetched after timing: a sanity value, never inside the loop
   del state, out, compiled
   return result
+
+
+def compile_only(model, mode: str, batch: int, seed: int = 0) -> dict[str, Any]:
+  """Lowers and compiles the step on abstract inputs (ShapeDtypeStructs: nothing is allocated or run):
+  {"compile_s", "lower_s", "xla_memory_bytes", "xla_temp_bytes"}."""
+  import jax
+  import jax.numpy as jnp
+  from vit_jax.models import registry
+
+  shape = registry.input_spec(model, batch).shape
+  start = time.perf_counter()
+  if mode == "train":
+    state, step = train_step_and_state(model, seed, abstract=True)
+    inputs = {"image": jax.ShapeDtypeStruct(shape, jnp.float32), "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  else:
+    state = jax.eval_shape(lambda: init_variables(model, seed))
+    step, inputs = make_infer_step(model), jax.ShapeDtypeStruct(shape, jnp.float32)
+  lowered = step.lower(state, inputs)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  end = time.perf_counter()
+  memory = compiled.memory_analysis()
+  return {"compile_s": round(end - lowered_at, 3), "lower_s": round(lowered_at - start, 3),
+          "xla_memory_bytes": _xla_memory(compiled),
+          "xla_temp_bytes": None if memory is None else int(memory.temp_size_in_bytes)}
 
 
 def _xla_memory(compiled) -> int | None:
@@ -339,36 +415,68 @@ def bench_one(args: argparse.Namespace) -> dict[str, Any]:
 
   model = build_model(args)
   flop_per_image, flop_note = analytic_flops(model, args.mode)
-  timm_result = None
   if args.vs == "timm":
     registry.abstract_variables(model)  # a model that cannot run (e.g. a bad image size) fails before timm runs
-    # Before JAX claims the accelerator: the two frameworks never share device memory.
-    timm_result = run_timm(timm_spec(model, args, args.batch))
-
   info = device_info()
-  log(f"[bench] {args.model} {args.mode} batch={args.batch} on {info['device']} ...")
-  measured = run_jax(model, args, args.batch)
+  rounds = []
+  for r in range(args.repeat):
+    timm_result = None
+    if args.vs == "timm":
+      # Before JAX claims the accelerator (run_jax frees its state at the end of each round): the two
+      # frameworks never share device memory.
+      timm_result = run_timm(timm_spec(model, args, args.batch))
+    log(f"[bench] {args.model} {args.mode} batch={args.batch} on {info['device']} "
+        f"(round {r + 1} of {args.repeat}) ...")
+    rounds.append((run_jax(model, args, args.batch), timm_result or {}, round(os.getloadavg()[0], 2)))
+  measured, timm_result = _medians(rounds, args.batch)
   peak = args.peak_tflops or _table_peak(info["device"])
   record: dict[str, Any] = {
       "model": args.model, "mode": args.mode, "batch": args.batch, "image_size": list(image_size(model)),
-      "dtype": args.dtype, "attention": args.attention, "remat": args.remat, "scan": args.scan,
-      "overrides": args.model_options or None, "steps": args.steps, **info,
+      "dtype": args.dtype, "attention": args.attention, "remat": args.remat,
+      "remat_policy": model.remat_policy if getattr(model, "remat", False) else None, "scan": args.scan,
+      "overrides": args.model_options or None, "steps": args.steps, "repeat": args.repeat, **info,
       "threads": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), **measured,
       "gflops_per_image": None if flop_per_image is None else round(flop_per_image / 1e9, 4),
       "tflops_per_sec": None, "peak_tflops": peak, "mfu": None,
   }
-  if flop_per_image is not None:
+  if args.repeat > 1:
+    record["rounds"] = [_round_summary(*r) for r in rounds]
+  if args.compile_only:
+    record["compile_only"] = True
+  if flop_per_image is not None and "img_per_sec" in measured:
     tflops = flop_per_image * measured["img_per_sec"] / 1e12
     record["tflops_per_sec"] = round(tflops, 4)
     record["mfu"] = None if not peak else round(tflops / peak, 4)
-  else:
+  elif flop_note:
     record["flops_note"] = flop_note
-  if timm_result is not None:
+  if timm_result:
     record.update(timm_result)
     for variant in ("eager", "compile"):
       theirs = timm_result.get(f"timm_{variant}_img_per_sec")
       record[f"vs_timm_{variant}"] = round(measured["img_per_sec"] / theirs, 3) if theirs else None
   return record
+
+
+def _medians(rounds: list[tuple[dict, dict]], batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(our fields, timm's fields) over the (ours, timm's) rounds: times (`*_ms`, `*_s`) are the medians of
+  the rounds' (each round's step time is itself a median over --steps), img/s follow from the step times,
+  the other fields are the first round's."""
+  merged = []
+  for fields in (dict(rounds[0][0]), dict(rounds[0][1])):
+    for k, v in fields.items():
+      values = [r[len(merged)].get(k) for r in rounds]
+      if k.endswith(("_ms", "_s")) and all(isinstance(x, (int, float)) for x in values):
+        fields[k] = round(statistics.median(values), 3)
+    for prefix in ("", "timm_eager_", "timm_compile_"):
+      if isinstance(fields.get(f"{prefix}step_ms"), (int, float)):
+        fields[f"{prefix}img_per_sec"] = round(1e3 * batch / fields[f"{prefix}step_ms"], 3)
+    merged.append(fields)
+  return merged[0], merged[1]
+
+
+def _round_summary(ours: dict, theirs: dict, load: float) -> dict[str, Any]:
+  keys = ("step_ms", "compile_s", "timm_eager_step_ms", "timm_compile_step_ms")
+  return {**{k: d[k] for d in (ours, theirs) for k in keys if k in d}, "load_avg_1m": load}
 
 
 def _table_peak(device_kind: str) -> float | None:
@@ -383,7 +491,18 @@ def find_max_batch(args: argparse.Namespace) -> dict[str, Any]:
   model = build_model(args)
   trials = []
 
+  budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2 ** 30)
+
   def fits(batch: int) -> bool:
+    if budget is not None:  # XLA's figure for the compiled step, nothing runs
+      needed = compile_only(model, args.mode, batch, args.seed)["xla_memory_bytes"]
+      if needed is None:
+        raise ValueError("--memory-budget-gb: this backend reports no memory analysis of compiled programs.")
+      ok = needed <= budget
+      trials.append([batch, ok, needed])
+      log(f"[bench] batch {batch}: {needed / 2 ** 30:.2f} GiB, {'fits' if ok else 'over the budget'}")
+      jax.clear_caches()
+      return ok
     trial = copy.copy(args)
     trial.steps, trial.warmup = 1, 1
     try:
@@ -418,7 +537,9 @@ def find_max_batch(args: argparse.Namespace) -> dict[str, Any]:
         bad = mid
   return {"model": args.model, "mode": args.mode, "find_max_batch": True, "max_batch": good,
           "first_oom_batch": bad, "hit_limit": bad is None, "image_size": list(image_size(model)),
-          "dtype": args.dtype, "remat": args.remat, "scan": args.scan, "trials": trials, **device_info()}
+          "dtype": args.dtype, "remat": args.remat,
+          "remat_policy": model.remat_policy if getattr(model, "remat", False) else None, "scan": args.scan,
+          "memory_budget_gb": args.memory_budget_gb, "trials": trials, **device_info()}
 
 
 def emit(record: dict[str, Any], out: str | None) -> None:
@@ -436,10 +557,13 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   if gpu_present() and not args.no_gpu_defaults:
     log(f"[bench] GPU defaults: {apply_gpu_defaults()}")
+  # Process-wide: only as the command (python -m vit_jax.bench), before JAX starts its threads.
+  cpu_malloc = __name__ == "__main__" and not gpu_present() and not args.no_cpu_malloc and keep_freed_host_memory()
   try:
     record = find_max_batch(args) if args.find_max_batch else bench_one(args)
   except TimmUnavailable as e:
     raise SystemExit(f"python -m vit_jax.bench: error: {e}") from None  # one line, no traceback
+  record["cpu_malloc_tuned"] = cpu_malloc
   record["command"] = "python -m vit_jax.bench " + " ".join(argv)
   emit(record, args.out)
   return 0

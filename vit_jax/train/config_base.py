@@ -136,6 +136,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.fewshot_every = 0  # steps; 0: only at the end
   c.log_every = 10
   c.progress_secs = 5.0
+  # A directory for JAX's persistent compilation cache: a restarted (resumed, preempted) run on the same
+  # topology loads its compiled steps instead of compiling them again; "": no cache (JAX's default, or
+  # the JAX_COMPILATION_CACHE_DIR environment variable). Local disk, or a bucket path on pods (gs://...).
+  c.compilation_cache_dir = ""
+  # The train step's dropout/drop-path generator (step.dropout_key): threefry (JAX's default), rbg or
+  # unsafe_rbg; each keeps a run reproducible and resumable, the masks differ between them.
+  c.dropout_rng_impl = "threefry"
   c.num_predictions = 0  # print this many test predictions from the restored checkpoint at the end
   return c
 
@@ -218,6 +225,25 @@ def ema_options(config) -> dict | None:
     raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.9999), or 0 for no EMA; got {decay}.")
   return dict(decay=decay, warmup=bool(config.ema_warmup), gamma=float(config.ema_warmup_gamma),
               power=float(config.ema_warmup_power))
+
+
+# ----------------------------------------------------------------------------- compilation cache
+
+def enable_compilation_cache(config) -> str | None:
+  """Points JAX's persistent compilation cache at config.compilation_cache_dir (if set), caching every
+  program (also the small and quick ones: a start-up compiles a dozen); returns the directory or None.
+  Call before the run compiles anything."""
+  directory = config.get("compilation_cache_dir") or ""
+  if not directory:
+    return None
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  if jax.config.jax_compilation_cache_dir != directory:
+    compilation_cache.reset_cache()  # a cache this process already opened elsewhere is closed first
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return directory
 
 
 # ----------------------------------------------------------------------------- the model

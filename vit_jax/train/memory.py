@@ -127,7 +127,8 @@ def train_footprint(config, setup, accum_steps: int, *, ema: dict | None = None)
   batch = _abstract_batch(setup.mesh, config.batch_size, config.image_size, shd.TRAIN_KEYS)
   train_step = step_lib.make_train_step(
       setup.model, setup.tx, setup.lr_schedule, setup.mesh, setup.shardings, accum_steps=accum_steps,
-      label_smoothing=config.label_smoothing, mixup=mixup_options(config), ema=ema)
+      label_smoothing=config.label_smoothing, mixup=mixup_options(config), ema=ema,
+      dropout_rng_impl=config.get("dropout_rng_impl", "threefry"))
   compiled = train_step.lower(setup.abstract_state, batch).compile()
   return _footprint(compiled, accum_steps, config.batch_size // accum_steps,
                     PREFETCHED_BATCHES * _batch_bytes_per_device(batch, setup.mesh))

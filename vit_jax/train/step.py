@@ -51,10 +51,34 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
 
 
+DROPOUT_RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
+
+
+def check_dropout_rng_impl(impl: str) -> None:
+  if impl not in DROPOUT_RNG_IMPLS:
+    raise ValueError(f"dropout_rng_impl must be one of {DROPOUT_RNG_IMPLS}, got {impl!r}.")
+
+
+def dropout_key(key: jax.Array, impl: str) -> jax.Array:
+  """The dropout/drop-path key of a step, derived from the step's (threefry) key `key`.
+
+  threefry (JAX's default) computes every random bit with the threefry hash: on CPU and GPU that costs a
+  good part of a step with dropout. `rbg` / `unsafe_rbg` keys (as big_vision and MaxText train with) draw
+  the bits with XLA's RngBitGenerator (Philox-like, fast everywhere, the native generator on TPU); the key
+  is made from the step's key, so a run stays a pure function of (seed, step): reproducible, and a resumed
+  run draws the same masks. `unsafe_rbg` also splits and folds with the generator (cheaper, fewer
+  guarantees on the independence of split keys). The masks differ between implementations (not the model).
+  """
+  check_dropout_rng_impl(impl)
+  if impl == "threefry":
+    return key
+  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=impl)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     mesh: jax.sharding.Mesh, state_shardings: TrainState, *, accum_steps: int = 1,
                     label_smoothing: float = 0.0, mixup: dict | None = None,
-                    ema: dict | None = None) -> Callable:
+                    ema: dict | None = None, dropout_rng_impl: str = "threefry") -> Callable:
   """`step(state, batch) -> (state, metrics)`, jitted with shardings; `state` is donated.
 
   `batch` = {"image": f32 [B, h, w, 3], "label": int32 [B]} split over (data, fsdp).
@@ -62,7 +86,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
   `ema` = keyword arguments of `state.ema_decay` ({"decay", "warmup", "gamma", "power"}) when the state
   keeps an EMA (state_shardings(..., ema=True)), else None.
   metrics: loss, grad_norm, param_norm, learning_rate (replicated scalars), and ema_decay with an EMA.
+  `dropout_rng_impl`: the generator of the dropout/drop-path masks (`dropout_key`).
   """
+  check_dropout_rng_impl(dropout_rng_impl)  # a bad name fails here, not when tracing
   if bool(ema) != state_lib.has_ema(state_shardings):
     raise ValueError("make_train_step: pass ema= exactly when the state keeps an EMA (state_shardings(ema=True)).")
   num_classes = model.num_classes
@@ -84,6 +110,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     mix_rng, dropout_rng = jax.random.split(rng)
+    dropout_rng = dropout_key(dropout_rng, dropout_rng_impl)
     images = batch["image"]
     targets = soft_targets(batch["label"], num_classes, label_smoothing)
     if mixup:

@@ -122,6 +122,7 @@ def validate(config, num_devices: int | None = None) -> Setup:
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {optim.OPTIMIZERS}.")
   if config.decay_type not in optim.DECAY_TYPES:
     raise ValueError(f"unknown decay_type {config.decay_type!r}; choose one of {optim.DECAY_TYPES}.")
+  step_lib.check_dropout_rng_impl(config.get("dropout_rng_impl", "threefry"))
   accum_steps = config_base.accum_steps_option(config)
   if accum_steps == "auto":
     memory_lib.budget_bytes(config)  # a CPU without memory_budget_gb fails here, before the data set opens
@@ -363,6 +364,7 @@ def _resume_or_start(config, setup: Setup, checkpointer, train_iter) -> tuple[st
 
 
 def _train_and_evaluate(config, workdir: str, stop: _StopFlag, t_start: float) -> dict[str, Any]:
+  config_base.enable_compilation_cache(config)  # before anything compiles
   setup = validate(config)
   # accum_steps="auto": compile the step for candidate micro-batches, keep the largest that fits.
   setup = memory_lib.fit_setup(config, setup, log=_print0)
@@ -378,7 +380,8 @@ def _train_and_evaluate(config, workdir: str, stop: _StopFlag, t_start: float) -
   total = setup.total_steps
   train_step = step_lib.make_train_step(
       setup.model, setup.tx, setup.lr_schedule, setup.mesh, setup.shardings, accum_steps=setup.accum_steps,
-      label_smoothing=config.label_smoothing, mixup=_mixup_options(config), ema=config_base.ema_options(config))
+      label_smoothing=config.label_smoothing, mixup=_mixup_options(config), ema=config_base.ema_options(config),
+      dropout_rng_impl=config.get("dropout_rng_impl", "threefry"))
   eval_step = step_lib.make_eval_step(setup.model, setup.mesh, setup.shardings)
   # Opens its data set now, so that a bad name fails before training.
   fewshot_eval = fewshot_lib.TrainingEvaluator(config, setup) if config.fewshot.dataset else None
