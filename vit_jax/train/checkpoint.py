@@ -52,7 +52,9 @@ RESUMABLE_CHANGES = ("mesh", "data_dir", "checkpoint_every", "eval_every", "log_
                      "restart_from_scratch", "max_bad_fraction",
                      # config.pretrained only initialises a new run; a resume never reads it.  The memory
                      # budget of accum_steps="auto" is the machine's, as the mesh.
-                     "pretrained", "memory_budget_gb")
+                     "pretrained", "memory_budget_gb",
+                     # Where compiled programs are cached changes no result.
+                     "compilation_cache_dir")
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax last, before the rename that publishes a step
 CHECKSUM_KIND = "wsum32-v1"
 
