@@ -1,0 +1,139 @@
+"""`python -m vit_jax.aot`: the train step compiled for a TPU topology (libtpu, no TPU), its figures and errors."""
+import importlib.util
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from vit_jax import aot
+from vit_jax.train import optim
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason='libtpu is not installed (pip install -e ".[tpu]")')
+
+
+def _config(batch_size=16, scan=True, mesh=(1, 2, 2)):
+  sys.path.insert(0, "configs")
+  try:
+    import testing  # configs/testing.py
+  finally:
+    sys.path.pop(0)
+  c = testing.get_config()
+  c.unlock()
+  c.model = ml_collections.ConfigDict(dict(name="ViT-Ti_16", patch_size=2, hidden_size=64, depth=2, mlp_dim=128,
+                                           num_heads=4, scan=scan, dtype="bfloat16"))
+  c.batch_size = batch_size
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+  return c
+
+
+@pytest.fixture(scope="module")
+def v5e_2x2():
+  return aot.topology_devices("v5e:2x2")
+
+
+@needs_libtpu
+def test_tiny_vit_fsdp_tensor_on_v5e_2x2(v5e_2x2):
+  chip, devices = v5e_2x2
+  assert chip.name == "v5e" and len(devices) == 4
+  small, large = (aot.analyse(_config(b), "v5e:2x2", chip, devices) for b in (16, 256))
+  for r in (small, large):
+    # The scanned layer loop is counted depth times: within 10% of vit_jax.flops (cost_analysis is not).
+    assert r["flops"]["loops"] and max(trips for _, trips in r["flops"]["loops"]) == 2
+    assert r["flops"]["hlo_over_analytic"] == pytest.approx(1.0, abs=0.1)
+    m = r["memory"]
+    assert all(m[k] > 0 for k in ("arguments", "outputs", "temporaries", "generated_code", "total"))
+    assert m["fits"] and r["estimate"]["step_s"] > 0 and 0 < r["estimate"]["mfu"] < 1
+    # FSDP: the parameters sharded over fsdp are all-gathered for the forward pass.
+    assert r["collectives"]["all-gather"]["count"] >= 1
+  assert large["memory"]["total"] > small["memory"]["total"]
+  assert large["memory"]["prefetched_batches"] == 16 * small["memory"]["prefetched_batches"]
+  assert large["flops"]["hlo_matmul_per_device"] == pytest.approx(16 * small["flops"]["hlo_matmul_per_device"],
+                                                                   rel=0.05)
+  tight = aot.analyse(_config(16), "v5e:2x2", chip, devices, hbm_gib=small["memory"]["total"] / 2 / aot.GIB)
+  assert not tight["memory"]["fits"]
+  assert "DOES NOT FIT" in aot.describe(tight) and "FITS" in aot.describe(small)
+  assert "ESTIMATE" in aot.describe(small)
+
+
+@pytest.mark.parametrize("topology", ["v9:2x2", "v5e", "tpu-256", "v5e:16x16x16x2"])
+def test_unknown_topology_lists_the_accepted_forms(topology):
+  with pytest.raises(ValueError, match=r"unknown TPU topology .*v5e:16x16"):
+    aot.chip_of(topology)
+
+
+def test_libtpu_missing_says_how_to_install(monkeypatch):
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(ValueError, match=r'pip install -e "\.\[tpu\]"'):
+    aot.check_libtpu()
+
+
+@needs_libtpu
+def test_bad_meshes_fail_before_compiling(v5e_2x2):
+  chip, devices = v5e_2x2
+  with pytest.raises(ValueError, match="product of data x fsdp x tensor must equal"):
+    aot.analyse(_config(mesh=(1, 1, 2)), "v5e:2x2", chip, devices)
+  config = _config(mesh=(1, 1, 4))
+  config.model.num_heads = 2
+  with pytest.raises(ValueError, match="num_heads=2 .* not divisible by the tensor axis"):
+    aot.analyse(config, "v5e:2x2", chip, devices)
+  config = _config(mesh=(1, 1, 4))
+  config.model.mlp_dim = 130
+  with pytest.raises(ValueError, match="mlp_dim=130 .* not divisible by the tensor axis"):
+    aot.analyse(config, "v5e:2x2", chip, devices)
+
+
+def test_mesh_candidates_divide_model_and_batch():
+  model = type("M", (), {"num_heads": 4, "mlp_dim": 128})()
+  meshes = aot.mesh_candidates(8, model, 16)
+  assert (8, 1, 1) in meshes and (1, 2, 4) in meshes and (1, 1, 8) not in meshes  # 8 does not divide 4 heads
+  assert all(d * f * t == 8 for d, f, t in meshes)
+
+
+@needs_libtpu
+def test_command_line_unknown_topology_is_one_line():
+  out = subprocess.run([sys.executable, "-m", "vit_jax.aot", "--config=configs/testing.py", "--topology=v7x:2x2"],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1
+  assert "ERROR: unknown TPU topology 'v7x:2x2'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_factored_optimiser_keeps_a_quarter_of_adams_state():
+  import jax
+  import jax.numpy as jnp
+  from vit_jax.models import registry
+  import flax.linen as nn
+  params = nn.meta.unbox(registry.abstract_variables(registry.get_model("ViT-B_16", num_classes=1000))["params"])
+  adam = optim.state_bytes_per_param(optax_adamw(), params)
+  factored = optim.state_bytes_per_param(optim.scale_by_adafactor(), params)
+  assert adam == pytest.approx(8.0, abs=1e-3)  # mu + nu, float32
+  # bfloat16 momentum (2 bytes) + a row and a column statistic per matrix (and full ones for vectors).
+  assert 2.0 < factored < 2.1  # ViT-B/16: 2.06
+  del jax, jnp
+
+
+def optax_adamw():
+  import optax
+  return optax.adamw(1e-3)
+
+
+def test_giants_parameter_counts():
+  """ViT-g/14 and ViT-G/14 (Zhai et al. 2106.04560 Table 2: 1011M and 1843M, counted without the MAP head and the
+  classifier) by eval_shape."""
+  import math
+  import jax
+  import flax.linen as nn
+  from vit_jax.models import registry
+  counts = {}
+  for name in ("ViT-g_14", "ViT-G_14"):
+    model = registry.get_model(name, num_classes=1000)
+    assert model.classifier == "map"
+    params = nn.meta.unbox(registry.abstract_variables(model)["params"])
+    assert "cls" not in params and "MAPHead_0" in params
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    body = total - sum(math.prod(x.shape) for k in ("MAPHead_0", "head") for x in jax.tree.leaves(params[k]))
+    counts[name] = (total, body)
+  assert counts["ViT-g_14"][0] == 1_037_857_384 and counts["ViT-G_14"][0] == 1_882_797_416
+  assert counts["ViT-g_14"][1] / 1e6 == pytest.approx(1011, abs=1)
+  assert counts["ViT-G_14"][1] / 1e6 == pytest.approx(1843, abs=1)
