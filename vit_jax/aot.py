@@ -85,6 +85,8 @@ CHIPS = {
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v4p": "v4"}
 TOPOLOGY_FORMS = ("v4:4x4x4 (v4-128: 64 chips)", "v5e:16x16 (v5e-256)", "v5p:4x4x8 (v5p-128: 128 chips)",
                   "v6e:16x16", "v5e:2x2 (4 chips, e.g. for tests)")
+# imagenet21k: the head of the official ViT i21k checkpoints (21,843 classes; our builder's fall11 has 21,841:
+# --num_classes=21841 for that exactly) and the fall11 images minus the 51,200 held out by vit_pretrain.py.
 KNOWN_DATASETS = {"imagenet21k": (21843, 14_197_122 - 51_200), "imagenet2012": (1000, 1_281_167),
                   "cifar10": (10, 50_000), "cifar100": (100, 50_000)}  # (classes, training examples)
 

@@ -281,8 +281,10 @@ def analyse(text: str, num_devices: int) -> Stats:
         seen.add(key)
       if kind in COLLECTIVES:
         arrays = _arrays(ins.type)
-        size = _BYTES[arrays[-1][0]] * math.prod(arrays[-1][1]) if ins.opcode.endswith("-start") and arrays \
-            else _nbytes(ins.type)
+        # collective-permute-start / all-gather-start return (operand, result, context scalars...).
+        paired = ins.opcode in ("collective-permute-start", "all-gather-start")
+        result = arrays[1] if paired and len(arrays) > 1 else None
+        size = _BYTES[result[0]] * math.prod(result[1]) if result else _nbytes(ins.type)
         collectives.append(Collective(kind, size, _group_size(ins.attributes, num_devices), int(times),
                                       name in in_loop))
   return Stats(flops, flops_once, hbm, hbm_once, collectives, loops)

@@ -170,6 +170,7 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, drop_path_rate=0.0):
+    inputs = layers.constrain_batch(inputs)  # the residual stream: batch-split, weights all-gathered (FSDP)
     x = _layer_norm("LayerNorm_0", self.dtype, self.param_dtype)(inputs)
     x = layers.Attention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
@@ -181,7 +182,7 @@ class Encoder1DBlock(nn.Module):
     y = layers.MlpBlock(
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, approximate_gelu=self.approximate_gelu,
         dtype=self.dtype, param_dtype=self.param_dtype, name="MlpBlock_0")(y, deterministic=self.deterministic)
-    return x + self._drop_path(y, drop_path_rate, "DropPath_1"), None
+    return layers.constrain_batch(x + self._drop_path(y, drop_path_rate, "DropPath_1")), None
 
 
 def remat_policy_fn(name: str):

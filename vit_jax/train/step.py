@@ -28,6 +28,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vit_jax.data import mixup as mixup_lib
+from vit_jax.models import layers
 from vit_jax.train import sharding as shd
 from vit_jax.train import state as state_lib
 from vit_jax.train.state import TrainState
@@ -49,6 +50,14 @@ def soft_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy, in float32 whatever the compute dtype."""
   return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+
+
+def _batch_split(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """`fn` traced with the models' activations kept split over the batch (`layers.constrain_batch`)."""
+  def traced(*args):
+    with layers.shard_activations(lambda rank: shd.batch_sharding(mesh, rank), shd.data_parallel_size(mesh)):
+      return fn(*args)
+  return traced
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
@@ -128,7 +137,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
       metrics["ema_decay"] = decay
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(state_shardings, shd.batch_shardings(mesh, shd.TRAIN_KEYS)),
+  return jax.jit(_batch_split(step, mesh), in_shardings=(state_shardings, shd.batch_shardings(mesh, shd.TRAIN_KEYS)),
                  out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
 
@@ -153,5 +162,5 @@ def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, state_shardings: T
     return {"correct": jnp.sum(top1 * mask), "correct_top5": jnp.sum(topk * mask),
             "count": jnp.sum(mask), "loss_sum": jnp.sum(loss * mask)}
 
-  return jax.jit(eval_step, in_shardings=(state_shardings, shd.batch_shardings(mesh, shd.EVAL_KEYS)),
+  return jax.jit(_batch_split(eval_step, mesh), in_shardings=(state_shardings, shd.batch_shardings(mesh, shd.EVAL_KEYS)),
                  out_shardings=shd.replicated(mesh))
