@@ -137,3 +137,34 @@ def test_giants_parameter_counts():
   assert counts["ViT-g_14"][0] == 1_037_857_384 and counts["ViT-G_14"][0] == 1_882_797_416
   assert counts["ViT-g_14"][1] / 1e6 == pytest.approx(1011, abs=1)
   assert counts["ViT-G_14"][1] / 1e6 == pytest.approx(1843, abs=1)
+
+
+def test_parameters_the_mesh_cannot_split_are_named():
+  """A width the fsdp axis does not divide leaves the weights replicated (as ViT-G's 1664 on fsdp=256): said."""
+  import jax
+  from vit_jax.train import sharding as shd
+  from vit_jax.train import trainer
+  for width, replicated in ((64, False), (66, True)):  # 66 % 4 != 0
+    config = _config(mesh=(1, 4, 1))
+    config.model.hidden_size, config.model.num_heads = width, 2
+    setup = trainer.plan(config, shd.make_mesh(config.mesh.to_dict(), jax.devices()[:4]), 10, 1000)
+    report = aot.param_sharding(setup, 4)
+    paths = [path for path, _ in report["replicated_large"]]
+    assert ("Transformer/encoderblock/MlpBlock_0/Dense_0/kernel" in paths) == replicated
+    assert (report["bytes_per_device"] > 2 * report["bytes_even_split"]) == replicated
+
+
+@needs_libtpu
+def test_compiler_out_of_memory_is_a_does_not_fit(v5e_2x2, monkeypatch):
+  """The TPU compiler refuses a program over the chip's HBM (ViT-G/14 with weights replicated did): reported."""
+  from vit_jax.train import memory
+  chip, devices = v5e_2x2
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (21.87G) "
+             "exceeds available HBM (15.75G).")
+  monkeypatch.setattr(memory, "compile_train_step", lambda *a: (_ for _ in ()).throw(RuntimeError(message)))
+  r = aot.analyse(_config(), "v5e:2x2", chip, devices)
+  assert r["memory"]["fits"] is False and "estimate" not in r
+  assert "DOES NOT FIT" in aot.describe(r) and "21.87G" in aot.describe(r)
+  monkeypatch.setattr(memory, "compile_train_step", lambda *a: (_ for _ in ()).throw(RuntimeError("INTERNAL: bug")))
+  with pytest.raises(RuntimeError, match="INTERNAL"):
+    aot.analyse(_config(), "v5e:2x2", chip, devices)

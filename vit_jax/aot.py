@@ -190,8 +190,25 @@ def analyse(config, topology: str, chip: Chip, devices, *, hbm_gib: float | None
                      "(--find_max_batch finds the largest batch that fits).")
   mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, sizes)), devices)
   setup = trainer.plan(config, mesh, num_classes, train_examples, overrides=overrides)
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
+  report = {
+      "model": config.model.name, "params": n_params, "topology": topology, "chip": chip.name, "devices": len(devices),
+      "mesh": dict(zip(shd.MESH_AXES, sizes)), "batch_size": config.batch_size, "accum_steps": accum,
+      "image_size": config.image_size, "dtype": str(config.model.get("dtype", "float32")),
+      "remat": bool(config.model.get("remat", False)), "scan": bool(config.model.get("scan", False)),
+      "optimizer": config.optimizer, "param_sharding": param_sharding(setup, len(devices)),
+  }
+  hbm = (hbm_gib or chip.hbm_gib) * GIB
   t0 = time.time()
-  compiled, fp = memory.compile_train_step(config, setup, accum)
+  try:
+    compiled, fp = memory.compile_train_step(config, setup, accum)
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The TPU compiler stops when the program cannot fit the chip: that is the answer.
+    message = next((line for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line), str(e))
+    return dict(report, compile_s=round(time.time() - t0, 1), memory={"hbm": int(hbm), "fits": False,
+                                                                        "compiler": message.strip()})
   compile_s = time.time() - t0
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, list):
@@ -201,7 +218,6 @@ def analyse(config, topology: str, chip: Chip, devices, *, hbm_gib: float | None
   batch = config.batch_size
   analytic = flops_lib.train_flops(setup.model)  # per image
   analytic_per_device = analytic * batch / n
-  hbm = (hbm_gib or chip.hbm_gib) * GIB
   compute_s = stats.matmul_flops / chip.peak_flops
   memory_s = stats.hbm_bytes / chip.hbm_bandwidth
   comm_s = _collective_seconds(stats.collectives, chip)
@@ -209,13 +225,8 @@ def analyse(config, topology: str, chip: Chip, devices, *, hbm_gib: float | None
   bound = ("compute", "HBM", "ICI")[[compute_s, memory_s, comm_s].index(step_s)]
   img_s_chip = batch / step_s / n
   optimal = cost.get("optimal_seconds")
-  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
   return {
-      "model": config.model.name, "params": n_params, "topology": topology, "chip": chip.name, "devices": n,
-      "mesh": dict(zip(shd.MESH_AXES, sizes)), "batch_size": batch, "accum_steps": accum,
-      "image_size": config.image_size, "dtype": str(config.model.get("dtype", "float32")),
-      "remat": bool(config.model.get("remat", False)), "scan": bool(config.model.get("scan", False)),
-      "optimizer": config.optimizer, "compile_s": round(compile_s, 1),
+      **report, "compile_s": round(compile_s, 1),
       "memory": {"arguments": fp.arguments, "outputs": fp.outputs, "donated": fp.aliased,
                  "temporaries": fp.temporaries, "generated_code": fp.code, "prefetched_batches": fp.prefetch,
                  "total": fp.total, "hbm": int(hbm), "fits": fp.total <= hbm},
@@ -234,18 +245,48 @@ def analyse(config, topology: str, chip: Chip, devices, *, hbm_gib: float | None
   }
 
 
+def param_sharding(setup, num_devices: int) -> dict[str, Any]:
+  """Parameter bytes per device against a perfect split, and the largest parameters left replicated (a dim
+  the mesh axis does not divide, e.g. ViT-G's width 1664 on fsdp=256, is replicated: sharding.spec_for)."""
+  import jax
+  import numpy as np
+  from vit_jax.train import optim
+  total = per_device = 0
+  replicated = []
+  for (path, x), sharding in zip(jax.tree_util.tree_leaves_with_path(setup.abstract_state.params),
+                                 jax.tree.leaves(setup.shardings.params)):
+    size = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+    total += size
+    per_device += math.prod(sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    if sharding.is_fully_replicated and len(x.shape) >= 2 and num_devices > 1:  # kernels and embeddings
+      replicated.append((optim.param_path(path), tuple(x.shape)))
+  return {"bytes_per_device": per_device, "bytes_even_split": total // num_devices,
+          "replicated_large": sorted(replicated, key=lambda r: -math.prod(r[1]))[:5]}
+
+
 def _gib(x: float) -> str:
   from vit_jax.train import memory
   return memory.size(x)
 
 
 def describe(r: dict) -> str:
-  m, f, e = r["memory"], r["flops"], r["estimate"]
+  m = r["memory"]
+  ps = r["param_sharding"]
   lines = [
       f"{r['model']} ({r['params']:,} parameters) on {r['topology']} ({r['devices']} x TPU {r['chip']}), mesh "
       + " x ".join(f"{k}={v}" for k, v in r["mesh"].items()) + f", global batch {r['batch_size']}"
       + f" (accum_steps {r['accum_steps']}), {r['dtype']} compute, remat={r['remat']}, scan={r['scan']}, "
       f"{r['optimizer']}; compiled in {r['compile_s']:.0f} s",
+      f"parameters per device: {_gib(ps['bytes_per_device'])} (an even split: {_gib(ps['bytes_even_split'])})"
+      + (f"; replicated (a dim the mesh axis does not divide): "
+         + ", ".join(f"{p} {list(shape)}" for p, shape in ps["replicated_large"]) if ps["replicated_large"] else ""),
+  ]
+  if "compiler" in m:
+    lines.append(f"memory per device: DOES NOT FIT the {_gib(m['hbm'])} of a chip; the TPU compiler stopped: "
+                 f"{m['compiler']}")
+    return "\n".join(lines)
+  f, e = r["flops"], r["estimate"]
+  lines += [
       f"memory per device: {_gib(m['total'])} of {_gib(m['hbm'])} -> {'FITS' if m['fits'] else 'DOES NOT FIT'} "
       f"(arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])}, donated -{_gib(m['donated'])}, "
       f"temporaries {_gib(m['temporaries'])}, generated code {_gib(m['generated_code'])}, prefetched batches "
@@ -313,8 +354,12 @@ def main(argv):
         continue
       _emit(r, FLAGS.json, command)
       rows.append(r)
+      if "estimate" not in r:
+        _print(f"  DOES NOT FIT ({r['memory']['compiler']}), {r['compile_s']:.0f} s")
+        continue
       _print(f"  {_gib(r['memory']['total'])} {'fits' if r['memory']['fits'] else 'DOES NOT FIT'}, est. step "
              f"{r['estimate']['step_s'] * 1e3:.1f} ms, compiled in {r['compile_s']:.0f} s")
+    rows = [r for r in rows if "estimate" in r]
     rows.sort(key=lambda r: (not r["memory"]["fits"], r["estimate"]["step_s"]))
     _print("\nmeshes by estimated step time (ESTIMATES):\n  data fsdp tensor   memory/chip   fit   est. step   "
            "est. img/s/chip  est. MFU")
