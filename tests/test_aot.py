@@ -168,3 +168,53 @@ def test_compiler_out_of_memory_is_a_does_not_fit(v5e_2x2, monkeypatch):
   monkeypatch.setattr(memory, "compile_train_step", lambda *a: (_ for _ in ()).throw(RuntimeError("INTERNAL: bug")))
   with pytest.raises(RuntimeError, match="INTERNAL"):
     aot.analyse(_config(), "v5e:2x2", chip, devices)
+
+
+def test_hlo_loop_counts_and_layer_slices():
+  """A while loop of 12 trips multiplies its body's dot; a fusion that only dynamic-slices one layer of a stacked
+  [12, 64, 64] weight reads that layer (16 KiB), not the stack, each trip."""
+  from vit_jax import hlo_stats
+  text = """HloModule m
+
+%slice_layer (param_0: f32[12,64,64], param_1: s32[]) -> f32[1,64,64] {
+  %param_0 = f32[12,64,64]{2,1,0} parameter(0)
+  %param_1 = s32[]{:T(128)} parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %dynamic-slice.1 = f32[1,64,64]{2,1,0} dynamic-slice(%param_0, %param_1, %zero, %zero), dynamic_slice_sizes={1,64,64}
+}
+
+%body (p: (s32[], f32[12,64,64], f32[8,64])) -> (s32[], f32[12,64,64], f32[8,64]) {
+  %p = (s32[], f32[12,64,64]{2,1,0}, f32[8,64]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %w = f32[12,64,64]{2,1,0} get-tuple-element(%p), index=1
+  %x = f32[8,64]{1,0} get-tuple-element(%p), index=2
+  %layer = f32[1,64,64]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%slice_layer
+  %k = f32[64,64]{1,0} bitcast(%layer)
+  %y = f32[8,64]{1,0} dot(%x, %k), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[12,64,64]{2,1,0}, f32[8,64]{1,0}) tuple(%next, %w, %y)
+}
+
+%cond (p.1: (s32[], f32[12,64,64], f32[8,64])) -> pred[] {
+  %p.1 = (s32[], f32[12,64,64]{2,1,0}, f32[8,64]{1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %n = s32[] constant(12)
+  ROOT %lt = pred[] compare(%i.1, %n), direction=LT
+}
+
+ENTRY %main (w.1: f32[12,64,64], x.1: f32[8,64]) -> f32[8,64] {
+  %w.1 = f32[12,64,64]{2,1,0} parameter(0)
+  %x.1 = f32[8,64]{1,0} parameter(1)
+  %zero.1 = s32[] constant(0)
+  %init = (s32[], f32[12,64,64]{2,1,0}, f32[8,64]{1,0}) tuple(%zero.1, %w.1, %x.1)
+  %loop = (s32[], f32[12,64,64]{2,1,0}, f32[8,64]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[8,64]{1,0} get-tuple-element(%loop), index=2
+}
+"""
+  stats = hlo_stats.analyse(text, 1)
+  assert stats.loops == [("body", 12)]
+  assert stats.matmul_flops == 12 * 2 * 8 * 64 * 64 and stats.matmul_flops_once == 2 * 8 * 64 * 64
+  # per trip: the slice fusion reads 16 KiB (+ the 4-byte index) and writes 16 KiB; the dot 2 KiB + 16 KiB -> 2 KiB
+  per_trip = (64 * 64 * 4 + 4 + 64 * 64 * 4) + (8 * 64 * 4 + 64 * 64 * 4 + 8 * 64 * 4) + (4 + 4 + 4)
+  assert stats.hbm_bytes == pytest.approx(12 * per_trip, rel=0.01)

@@ -246,8 +246,9 @@ def analyse(config, topology: str, chip: Chip, devices, *, hbm_gib: float | None
 
 
 def param_sharding(setup, num_devices: int) -> dict[str, Any]:
-  """Parameter bytes per device against a perfect split, and the largest parameters left replicated (a dim
-  the mesh axis does not divide, e.g. ViT-G's width 1664 on fsdp=256, is replicated: sharding.spec_for)."""
+  """Parameter bytes per device against an even split over fsdp x tensor (`data` replicates by design), and
+  the largest kernels left replicated (a dim the mesh axis does not divide, e.g. ViT-G's width 1664 on
+  fsdp=256, is replicated: sharding.spec_for)."""
   import jax
   import numpy as np
   from vit_jax.train import optim
@@ -260,7 +261,10 @@ def param_sharding(setup, num_devices: int) -> dict[str, Any]:
     per_device += math.prod(sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
     if sharding.is_fully_replicated and len(x.shape) >= 2 and num_devices > 1:  # kernels and embeddings
       replicated.append((optim.param_path(path), tuple(x.shape)))
-  return {"bytes_per_device": per_device, "bytes_even_split": total // num_devices,
+  mesh = setup.mesh.shape
+  big = total / 1000 / np.dtype(np.float32).itemsize  # elements: kernels, not biases or norms
+  replicated = [(p, shape) for p, shape in replicated if math.prod(shape) >= big]
+  return {"bytes_per_device": per_device, "bytes_even_split": total // (mesh["fsdp"] * mesh["tensor"]),
           "replicated_large": sorted(replicated, key=lambda r: -math.prod(r[1]))[:5]}
 
 
@@ -277,7 +281,8 @@ def describe(r: dict) -> str:
       + " x ".join(f"{k}={v}" for k, v in r["mesh"].items()) + f", global batch {r['batch_size']}"
       + f" (accum_steps {r['accum_steps']}), {r['dtype']} compute, remat={r['remat']}, scan={r['scan']}, "
       f"{r['optimizer']}; compiled in {r['compile_s']:.0f} s",
-      f"parameters per device: {_gib(ps['bytes_per_device'])} (an even split: {_gib(ps['bytes_even_split'])})"
+      f"parameters per device: {_gib(ps['bytes_per_device'])} (an even split over fsdp x tensor: "
+      f"{_gib(ps['bytes_even_split'])})"
       + (f"; replicated (a dim the mesh axis does not divide): "
          + ", ".join(f"{p} {list(shape)}" for p, shape in ps["replicated_large"]) if ps["replicated_large"] else ""),
   ]

@@ -41,6 +41,7 @@ class Instruction:
   operands: list[str]
   attributes: str
   computation: str
+  inside: str = ""  # the text between the opcode's parentheses (a parameter's index, a constant's value)
 
 
 @dataclasses.dataclass
@@ -127,7 +128,8 @@ def parse(text: str) -> dict[str, list[Instruction]]:
       depth -= args[i] == ")"
       i += 1
     operands = re.findall(r"%([^\s,)]+)", args[:i - 1])
-    comps[current].append(Instruction(m.group(1), type_text, opcode.strip(), operands, args[i:], current))
+    comps[current].append(Instruction(m.group(1), type_text, opcode.strip(), operands, args[i:], current,
+                                      args[:i - 1]))
   return comps
 
 
@@ -240,6 +242,39 @@ def _group_size(attributes: str, num_devices: int) -> int:
   return 2 if m else num_devices
 
 
+def _moved_bytes(ins: Instruction, types: dict[str, str], comps: dict[str, list[Instruction]]) -> int:
+  """HBM bytes one top-level instruction reads and writes.  A loop reads one layer of a stacked array
+  ([depth, ...] weights, saved activations) with a dynamic-slice and writes one with an in-place
+  dynamic-update-slice: those count the slice, not the whole stack (else a 48-layer loop would count its
+  stacks 48 times over)."""
+  operand_bytes = [_nbytes(types.get(o, ""), True) for o in ins.operands]
+  written = _nbytes(ins.type, True)
+  callee = dict(_CALLEE.findall(ins.attributes)).get("calls") if ins.opcode == "fusion" else None
+  body = comps.get(callee) if callee else None
+  if ins.opcode == "dynamic-slice" and operand_bytes:
+    operand_bytes[0] = written
+  elif ins.opcode == "dynamic-update-slice" and len(operand_bytes) > 1:
+    operand_bytes[0], written = 0, operand_bytes[1]
+  elif body:
+    params = {i.name: int(i.inside) for i in body if i.opcode == "parameter" and i.inside.strip().isdigit()}
+    users: dict[str, list] = {}
+    for i in body:
+      for position, o in enumerate(i.operands):
+        users.setdefault(o, []).append((i, position))
+    for pname, index in params.items():
+      if index >= len(operand_bytes) or not operand_bytes[index]:  # not in HBM (e.g. VMEM, S(1))
+        continue
+      uses = users.get(pname, [])
+      if uses and all(u.opcode == "dynamic-slice" and pos == 0 for u, pos in uses):
+        operand_bytes[index] = min(operand_bytes[index], sum(_nbytes(u.type) for u, _ in uses))
+      elif uses and all(u.opcode == "dynamic-update-slice" and pos == 0 for u, pos in uses):
+        # Updated in place: the buffer is neither read nor rewritten, only the update is written.
+        update = sum(_nbytes(types.get(u.operands[1], "")) for u, _ in uses if len(u.operands) > 1)
+        written = max(written - operand_bytes[index], 0) + update
+        operand_bytes[index] = 0
+  return written + sum(operand_bytes)
+
+
 def analyse(text: str, num_devices: int) -> Stats:
   comps = parse(text)
   mult, in_loop, loops = multiplicities(comps, text)
@@ -269,7 +304,7 @@ def analyse(text: str, num_devices: int) -> Stats:
       flops += 2 * macs * times
       flops_once += 2 * macs
       if name not in fused and ins.opcode not in _NO_TRAFFIC and not ins.opcode.endswith("-done"):
-        moved = _nbytes(ins.type, True) + sum(_nbytes(types.get(o, ""), True) for o in ins.operands)
+        moved = _moved_bytes(ins, types, comps)
         hbm += moved * times
         hbm_once += moved
       kind = ins.opcode.removesuffix("-start")
