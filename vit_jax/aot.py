@@ -263,7 +263,8 @@ def param_sharding(setup, num_devices: int) -> dict[str, Any]:
       replicated.append((optim.param_path(path), tuple(x.shape)))
   mesh = setup.mesh.shape
   big = total / 1000 / np.dtype(np.float32).itemsize  # elements: kernels, not biases or norms
-  replicated = [(p, shape) for p, shape in replicated if math.prod(shape) >= big]
+  sharded_axes = mesh["fsdp"] * mesh["tensor"] > 1  # else replication is the plan (data parallelism)
+  replicated = [(p, shape) for p, shape in replicated if math.prod(shape) >= big and sharded_axes]
   return {"bytes_per_device": per_device, "bytes_even_split": total // (mesh["fsdp"] * mesh["tensor"]),
           "replicated_large": sorted(replicated, key=lambda r: -math.prod(r[1]))[:5]}
 
@@ -308,8 +309,8 @@ def describe(r: dict) -> str:
       lines.append(f"  {kind:19s} {c['count']:6d}  {_gib(c['bytes']):>11s}   in loops: {c['count_in_loop']:6d}  "
                    f"{_gib(c['bytes_in_loop'])}")
   lines.append(
-      f"ESTIMATE (roofline, not a measurement): step {e['step_s'] * 1e3:.1f} ms ({e['bound']}-bound; compute "
-      f"{e['compute_s'] * 1e3:.1f} ms at bf16 peak, HBM {e['hbm_s'] * 1e3:.1f} ms, ICI {e['ici_s'] * 1e3:.1f} ms) "
+      f"ESTIMATE (roofline, not a measurement): step {e['step_s'] * 1e3:.3g} ms ({e['bound']}-bound; compute "
+      f"{e['compute_s'] * 1e3:.3g} ms at bf16 peak, HBM {e['hbm_s'] * 1e3:.3g} ms, ICI {e['ici_s'] * 1e3:.3g} ms) "
       f"-> {e['img_s_per_chip']:.0f} img/s per chip, {e['img_s_pod']:.0f} img/s for the pod, MFU {e['mfu']:.1%}, "
       f"90 epochs of ImageNet-21k (14.2 M images) in {e['days_90_epochs_i21k']:.2f} days")
   return "\n".join(lines)
@@ -363,7 +364,7 @@ def main(argv):
         _print(f"  DOES NOT FIT ({r['memory']['compiler']}), {r['compile_s']:.0f} s")
         continue
       _print(f"  {_gib(r['memory']['total'])} {'fits' if r['memory']['fits'] else 'DOES NOT FIT'}, est. step "
-             f"{r['estimate']['step_s'] * 1e3:.1f} ms, compiled in {r['compile_s']:.0f} s")
+             f"{r['estimate']['step_s'] * 1e3:.3g} ms, compiled in {r['compile_s']:.0f} s")
     rows = [r for r in rows if "estimate" in r]
     rows.sort(key=lambda r: (not r["memory"]["fits"], r["estimate"]["step_s"]))
     _print("\nmeshes by estimated step time (ESTIMATES):\n  data fsdp tensor   memory/chip   fit   est. step   "
@@ -371,7 +372,7 @@ def main(argv):
     for r in rows:
       m, e = r["mesh"], r["estimate"]
       _print(f"  {m['data']:4d} {m['fsdp']:4d} {m['tensor']:6d}   {_gib(r['memory']['total']):>11s}   "
-             f"{'yes' if r['memory']['fits'] else 'NO ':3s}  {e['step_s'] * 1e3:8.1f} ms  {e['img_s_per_chip']:12.0f}"
+             f"{'yes' if r['memory']['fits'] else 'NO ':3s}  {e['step_s'] * 1e3:8.3g} ms  {e['img_s_per_chip']:12.0f}"
              f"     {e['mfu']:.1%}")
     return
   if FLAGS.find_max_batch:
