@@ -93,8 +93,8 @@ def test_slurm_two_tasks_equal_one_process(tmp_path, load_config):
   srun = tmp_path / "srun"
   srun.write_text("#!/bin/bash\n# srun's variables for 2 tasks on this node; options before the command dropped\n"
                   "while [[ $1 == --* ]]; do shift; done\n"
-                  "for i in 0 1; do SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NODEID=0 \"$@\" > task$i.log 2>&1 & done\n"
-                  "wait -n && wait -n; rc=$?; cat task0.log task1.log; exit $rc\n")
+                  f"for i in 0 1; do SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NODEID=0 \"$@\" > {tmp_path}/task$i.log 2>&1 &"
+                  f" done\nwait -n && wait -n; rc=$?; cat {tmp_path}/task0.log {tmp_path}/task1.log; exit $rc\n")
   srun.chmod(0o755)
   port = _free_slurm_port()
   env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", PYTHON=sys.executable, SLURM_JOB_ID=str(port - 61440),
