@@ -218,3 +218,12 @@ ENTRY %main (w.1: f32[12,64,64], x.1: f32[8,64]) -> f32[8,64] {
   # per trip: the slice fusion reads 16 KiB (+ the 4-byte index) and writes 16 KiB; the dot 2 KiB + 16 KiB -> 2 KiB
   per_trip = (64 * 64 * 4 + 4 + 64 * 64 * 4) + (8 * 64 * 4 + 64 * 64 * 4 + 8 * 64 * 4) + (4 + 4 + 4)
   assert stats.hbm_bytes == pytest.approx(12 * per_trip, rel=0.01)
+
+
+@needs_libtpu
+def test_mesh_axes_that_split_a_torus_axis():
+  """fsdp=128 on a 16x16 v6e is no product of whole torus axes: the mesh splits one (jax.make_mesh alone refuses)."""
+  from vit_jax.train import sharding as shd
+  _, devices = aot.topology_devices("v6e:16x16")
+  mesh = shd.make_mesh({"data": 2, "fsdp": 128, "tensor": 1}, devices)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 128, "tensor": 1} and len(set(mesh.devices.flat)) == 256
