@@ -227,3 +227,9 @@ def test_mesh_axes_that_split_a_torus_axis():
   _, devices = aot.topology_devices("v6e:16x16")
   mesh = shd.make_mesh({"data": 2, "fsdp": 128, "tensor": 1}, devices)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 128, "tensor": 1} and len(set(mesh.devices.flat)) == 256
+
+
+@needs_libtpu
+def test_v4_topology_says_it_cannot_be_compiled_for():
+  with pytest.raises(ValueError, match="one device per chip"):
+    aot.topology_devices("v4:4x4x4")
