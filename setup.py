@@ -33,11 +33,15 @@ setup(
     extras_require={
         # torch reads/writes .pth state_dicts in the weight tests; timm (installed with --no-deps, see README)
         # needs huggingface_hub and pyyaml to import, for the `bench --vs timm` test.
-        "test": ["pytest", "pytest-xdist", "torch", "huggingface_hub", "pyyaml", "matplotlib"],
+        # jax[tpu] (libtpu): tests/test_aot.py compiles the train step for a v5e:2x2 topology on the CPU.
+        "test": ["pytest", "pytest-xdist", "torch", "huggingface_hub", "pyyaml", "matplotlib", "jax[tpu]>=0.10"],
         "torch": ["torch"],  # only to read .pth/.bin state_dicts and for `bench --vs timm`
         "analysis": ["matplotlib"],  # the figures of `python -m vit_jax.analyze` (also in "test")
         # The CUDA 12 build of jax: jax's own `cuda12` extra pins jaxlib and jax-cuda12-plugin to exactly the
         # jax version installed (jaxlib<=V,>=V), so it always matches.  `pip install -e ".[gpu]"`.
         "gpu": ["jax[cuda12]>=0.10"],
+        # libtpu at the jax version installed (jax's `tpu` extra pins it): TPU pods, and `python -m vit_jax.aot`
+        # compiling for a TPU topology on any machine.  `pip install -e ".[tpu]"`.
+        "tpu": ["jax[tpu]>=0.10"],
     },
 )

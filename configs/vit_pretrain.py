@@ -24,6 +24,10 @@ LARGE = ("ViT-L", "ViT-H", "R50+ViT-L")  # models whose training step gets remat
 RANDAUG = {"none": None, "light1": (2, 0), "light2": (2, 10), "medium1": (2, 15), "medium2": (2, 15),
            "strong1": (2, 20), "strong2": (2, 20)}
 
+# Settable from the command line (e.g. for a pod: --config.model.dtype=bfloat16 --config.model.scan=True
+# --config.model.remat=True; `python -m vit_jax.aot` checks what they cost); these values are the model's defaults.
+POD_OPTIONS = dict(dtype="float32", scan=False, remat=False, remat_policy="nothing_saveable")
+
 
 def get_config(arg=None):
   args = config_base.parse_args(arg, recipe="i21k", model="ViT-B_16", aug="none", batch_size=4096)
@@ -45,7 +49,7 @@ def get_config(arg=None):
   c.b1, c.b2 = 0.9, 0.999
   c.input = ml_collections.ConfigDict(dict(crop="inception", normalization="minus_one_one"))
   c.input_eval = ml_collections.ConfigDict(dict(crop="resize_small_central_crop", normalization="minus_one_one"))
-  c.model = ml_collections.ConfigDict(dict(name=args.model, dropout_rate=0.1))
+  c.model = ml_collections.ConfigDict(dict(name=args.model, dropout_rate=0.1, **POD_OPTIONS))
   if args.recipe == "i21k":
     c.optimizer, c.lr, c.weight_decay = "adam", 1e-3, 0.03
     c.decay_type, c.linear_end = "linear", 1e-5
@@ -56,7 +60,7 @@ def get_config(arg=None):
     c.optimizer, c.lr, c.decay_type = "adamw", 1e-3, "cosine"
     c.weight_decay = 0.03 if i21k else 1e-4
     reg = 0.0 if args.aug == "none" else 0.1
-    c.model = ml_collections.ConfigDict(dict(name=args.model, dropout_rate=reg, drop_path_rate=reg))
+    c.model = ml_collections.ConfigDict(dict(name=args.model, dropout_rate=reg, drop_path_rate=reg, **POD_OPTIONS))
     if RANDAUG[args.aug] is not None:
       c.input.randaugment = RANDAUG[args.aug]
     c.mixup.mixup_alpha = MIXUP[args.aug]

@@ -170,6 +170,7 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, drop_path_rate=0.0):
+    inputs = layers.constrain_batch(inputs)  # the residual stream: batch-split, weights all-gathered (FSDP)
     x = _layer_norm("LayerNorm_0", self.dtype, self.param_dtype)(inputs)
     x = layers.Attention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
@@ -181,7 +182,7 @@ class Encoder1DBlock(nn.Module):
     y = layers.MlpBlock(
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, approximate_gelu=self.approximate_gelu,
         dtype=self.dtype, param_dtype=self.param_dtype, name="MlpBlock_0")(y, deterministic=self.deterministic)
-    return x + self._drop_path(y, drop_path_rate, "DropPath_1"), None
+    return layers.constrain_batch(x + self._drop_path(y, drop_path_rate, "DropPath_1")), None
 
 
 def remat_policy_fn(name: str):
@@ -415,9 +416,9 @@ class VisionTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------- registry
 
-def _variant(patch, hidden, mlp_dim, heads, depth, dropout=0.0, resnet=None):
+def _variant(patch, hidden, mlp_dim, heads, depth, dropout=0.0, resnet=None, **options):
   return dict(image_size=224, patch_size=patch, hidden_size=hidden, mlp_dim=mlp_dim, num_heads=heads,
-              depth=depth, dropout_rate=dropout, resnet=resnet)
+              depth=depth, dropout_rate=dropout, resnet=resnet, **options)
 
 
 # Values as the official configs/models.py.
@@ -431,6 +432,9 @@ VARIANTS = {
     "ViT-L_16": _variant(16, 1024, 4096, 16, 24, 0.1),
     "ViT-L_32": _variant(32, 1024, 4096, 16, 24),
     "ViT-H_14": _variant(14, 1280, 5120, 16, 32, 0.1),
+    # Zhai et al., "Scaling Vision Transformers" (big_vision 'g/14', 'G/14'): MAP head, no class token.
+    "ViT-g_14": _variant(14, 1408, 6144, 16, 40, classifier="map"),
+    "ViT-G_14": _variant(14, 1664, 8192, 16, 48, classifier="map"),
     "R+ViT-Ti_16": _variant(8, 192, 768, 3, 12, resnet=((), 1)),
     "R26+ViT-S_32": _variant(1, 384, 1536, 6, 12, resnet=((2, 2, 2, 2), 1)),
     "R26+ViT-B_32": _variant(1, 768, 3072, 12, 12, resnet=((2, 2, 2, 2), 1)),

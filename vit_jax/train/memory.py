@@ -101,7 +101,7 @@ def _gcd(a: int, b: int) -> int:
   return a
 
 
-def _footprint(compiled, accum_steps: int, micro_batch: int, prefetch: int) -> Footprint:
+def footprint(compiled, accum_steps: int, micro_batch: int, prefetch: int) -> Footprint:
   m = compiled.memory_analysis()
   if m is None:
     raise ValueError("this backend reports no memory analysis of compiled programs; give accum_steps as a number.")
@@ -110,35 +110,38 @@ def _footprint(compiled, accum_steps: int, micro_batch: int, prefetch: int) -> F
                    prefetch)
 
 
-def _abstract_batch(mesh, batch: int, image_size, keys) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(mesh, batch: int, image_size, keys) -> dict[str, jax.ShapeDtypeStruct]:
   h, w = to_2tuple(image_size)
   shapes = {"image": ((batch, h, w, 3), jnp.float32), "label": ((batch,), jnp.int32), "mask": ((batch,), jnp.bool_)}
   shardings = shd.batch_shardings(mesh, keys)
   return {k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1], sharding=shardings[k]) for k in keys}
 
 
-def _batch_bytes_per_device(batch: dict, mesh) -> int:
+def batch_bytes_per_device(batch: dict, mesh) -> int:
   dp = shd.data_parallel_size(mesh)
   return sum(x.size * jnp.dtype(x.dtype).itemsize for x in batch.values()) // dp
 
 
-def train_footprint(config, setup, accum_steps: int, *, ema: dict | None = None) -> Footprint:
+def compile_train_step(config, setup, accum_steps: int):
+  """(the run's train step compiled on the abstract state and batch of `setup` (trainer.Setup) at
+  `accum_steps`, its per-device Footprint).  Also `vit_jax.aot`, for a TPU topology."""
+  batch = abstract_batch(setup.mesh, config.batch_size, config.image_size, shd.TRAIN_KEYS)
+  from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top  (trainer imports this module)
+  compiled = trainer.make_train_step(config, setup, accum_steps).lower(setup.abstract_state, batch).compile()
+  return compiled, footprint(compiled, accum_steps, config.batch_size // accum_steps,
+                             PREFETCHED_BATCHES * batch_bytes_per_device(batch, setup.mesh))
+
+
+def train_footprint(config, setup, accum_steps: int) -> Footprint:
   """The compiled train step of `setup` (trainer.Setup) at `accum_steps`: its per-device memory."""
-  batch = _abstract_batch(setup.mesh, config.batch_size, config.image_size, shd.TRAIN_KEYS)
-  train_step = step_lib.make_train_step(
-      setup.model, setup.tx, setup.lr_schedule, setup.mesh, setup.shardings, accum_steps=accum_steps,
-      label_smoothing=config.label_smoothing, mixup=mixup_options(config), ema=ema,
-      dropout_rng_impl=config.get("dropout_rng_impl", "threefry"))
-  compiled = train_step.lower(setup.abstract_state, batch).compile()
-  return _footprint(compiled, accum_steps, config.batch_size // accum_steps,
-                    PREFETCHED_BATCHES * _batch_bytes_per_device(batch, setup.mesh))
+  return compile_train_step(config, setup, accum_steps)[1]
 
 
 def eval_footprint(config, setup, eval_batch: int) -> Footprint:
-  batch = _abstract_batch(setup.mesh, eval_batch, config.image_size, shd.EVAL_KEYS)
+  batch = abstract_batch(setup.mesh, eval_batch, config.image_size, shd.EVAL_KEYS)
   eval_step = step_lib.make_eval_step(setup.model, setup.mesh, setup.shardings)
   compiled = eval_step.lower(setup.abstract_state, batch).compile()
-  return _footprint(compiled, 1, eval_batch, PREFETCHED_BATCHES * _batch_bytes_per_device(batch, setup.mesh))
+  return footprint(compiled, 1, eval_batch, PREFETCHED_BATCHES * batch_bytes_per_device(batch, setup.mesh))
 
 
 def smallest_fitting(options: list[int], measure: Callable[[int], Footprint], budget: int,
@@ -160,15 +163,10 @@ def smallest_fitting(options: list[int], measure: Callable[[int], Footprint], bu
   return best, measured
 
 
-def choose_accum_steps(config, setup, budget: int, *, ema: dict | None = None) -> tuple[int | None, dict[int, Footprint]]:
+def choose_accum_steps(config, setup, budget: int) -> tuple[int | None, dict[int, Footprint]]:
   """(smallest accumulation whose step fits `budget` or None, {accum: footprint} of those compiled)."""
   options = candidates(config.batch_size, shd.data_parallel_size(setup.mesh), jax.process_count())
-  return smallest_fitting(options, lambda k: train_footprint(config, setup, k, ema=ema), budget)
-
-
-def mixup_options(config) -> dict | None:
-  from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top  (trainer imports this module)
-  return trainer._mixup_options(config)  # pylint: disable=protected-access
+  return smallest_fitting(options, lambda k: train_footprint(config, setup, k), budget)
 
 
 def fit_setup(config, setup, *, log: Callable[[str], Any] = print):
@@ -178,7 +176,7 @@ def fit_setup(config, setup, *, log: Callable[[str], Any] = print):
   if config_base.accum_steps_option(config) != "auto":
     return setup
   budget, source = budget_bytes(config)
-  choice, measured = choose_accum_steps(config, setup, budget, ema=config_base.ema_options(config))
+  choice, measured = choose_accum_steps(config, setup, budget)
   table = "; ".join(f"micro-batch {fp.micro_batch}: {size(fp.total)}"
                     for _, fp in sorted(measured.items()))
   if choice is None:

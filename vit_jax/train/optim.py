@@ -3,6 +3,10 @@
   sgd    official ViT fine-tuning: SGD, momentum 0.9, global-norm clip 1.0, no weight decay
   adam   ViT pre-training (paper, ImageNet-21k): Adam b1=0.9 b2=0.999 and decoupled weight decay
   adamw  AugReg / CrossViT / MaxViT: AdamW (weight decay multiplied by the learning rate, as optax/PyTorch)
+  adafactor  Scaling ViTs (Zhai et al. 2106.04560; big_vision `scale_by_adafactor`, the ViT-g/G recipe):
+         factored second moments (a row and a column statistic per matrix, `optax.scale_by_factored_rms`,
+         decay 1 - t^-0.8 capped at b2), momentum b1 kept in bfloat16, decoupled weight decay as adamw.
+         About 2 bytes of optimiser state per parameter instead of adam's 8 (`state_bytes_per_param`).
 
 Weight decay applies to kernels only (not biases, norms, position embeddings or
 the class token), as big_vision's default mask `.*/kernel$` and timm's
@@ -32,7 +36,7 @@ import optax
 
 from vit_jax.train import config_base
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adafactor")
 DECAY_TYPES = ("cosine", "linear", "constant")
 
 
@@ -58,6 +62,28 @@ def learning_rate_schedule(*, base_lr: float, total_steps: int, warmup_steps: in
     return decay
   warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
   return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def scale_by_adafactor(*, b1: float = 0.9, b2_cap: float = 0.999, min_dim_size_to_factor: int = 32,
+                       decay_rate: float = 0.8, eps: float = 1e-30) -> optax.GradientTransformation:
+  """big_vision's `scale_by_adafactor` (big_vision/optax.py) in optax parts: factored RMS scaling with the
+  decay min(b2_cap, 1 - (t + 1) ** -decay_rate), then a bfloat16 momentum b1 (no debiasing)."""
+  def decay(step, exponent):
+    t = jnp.asarray(step, jnp.float32) + 1.0
+    return jnp.minimum(b2_cap, 1.0 - t ** (-exponent))
+  parts = [optax.scale_by_factored_rms(factored=True, decay_rate=decay_rate, min_dim_size_to_factor=min_dim_size_to_factor,
+                                       epsilon=eps, decay_rate_fn=decay)]
+  if b1:
+    parts.append(optax.ema(b1, debias=False, accumulator_dtype=jnp.bfloat16))
+  return optax.chain(*parts)
+
+
+def state_bytes_per_param(tx: optax.GradientTransformation, params: Any) -> float:
+  """Bytes of optimiser state per parameter that `tx` keeps for `params` (arrays or ShapeDtypeStructs)."""
+  state = jax.eval_shape(tx.init, params)
+  size = lambda tree: sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  return size(state) / count
 
 
 def _decay_mask(params: Any) -> Any:
@@ -142,6 +168,9 @@ def make_optimizer(config, total_steps: int | None = None, warmup_steps: int | N
     tx = optax.chain(*parts)
   elif name in ("adam", "adamw"):
     tx = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=wd, mask=_decay_mask)
+  elif name == "adafactor":
+    tx = optax.chain(scale_by_adafactor(b1=config.b1, b2_cap=config.b2),
+                     optax.add_decayed_weights(wd, mask=_decay_mask), optax.scale_by_learning_rate(lr))
   else:
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
   if config.grad_clip_norm:

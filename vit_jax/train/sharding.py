@@ -75,8 +75,14 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
     raise ValueError(f"with {jax.process_count()} processes the mesh must span all {len(devices)} devices, "
                      f"got {dict(zip(MESH_AXES, shape))}; use -1 on one axis.")
   # Auto axes: Flax's logical partitioning uses GSPMD-style sharding constraints.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices[:n])
+  axis_types = (jax.sharding.AxisType.Auto,) * 3
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices[:n])
+  except NotImplementedError:
+    # An axis that is no product of whole torus axes (e.g. fsdp=128 on a 16x16 v6e): split a physical axis.
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices[:n], allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:

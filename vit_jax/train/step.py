@@ -28,6 +28,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vit_jax.data import mixup as mixup_lib
+from vit_jax.models import layers
 from vit_jax.train import sharding as shd
 from vit_jax.train import state as state_lib
 from vit_jax.train.state import TrainState
@@ -73,6 +74,14 @@ def dropout_key(key: jax.Array, impl: str) -> jax.Array:
   if impl == "threefry":
     return key
   return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=impl)
+
+
+def _batch_split(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """`fn` traced with the models' activations kept split over the batch (`layers.constrain_batch`)."""
+  def traced(*args):
+    with layers.shard_activations(lambda rank: shd.batch_sharding(mesh, rank), shd.data_parallel_size(mesh)):
+      return fn(*args)
+  return traced
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
@@ -155,7 +164,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
       metrics["ema_decay"] = decay
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(state_shardings, shd.batch_shardings(mesh, shd.TRAIN_KEYS)),
+  return jax.jit(_batch_split(step, mesh), in_shardings=(state_shardings, shd.batch_shardings(mesh, shd.TRAIN_KEYS)),
                  out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
 
@@ -180,5 +189,5 @@ def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, state_shardings: T
     return {"correct": jnp.sum(top1 * mask), "correct_top5": jnp.sum(topk * mask),
             "count": jnp.sum(mask), "loss_sum": jnp.sum(loss * mask)}
 
-  return jax.jit(eval_step, in_shardings=(state_shardings, shd.batch_shardings(mesh, shd.EVAL_KEYS)),
+  return jax.jit(_batch_split(eval_step, mesh), in_shardings=(state_shardings, shd.batch_shardings(mesh, shd.EVAL_KEYS)),
                  out_shardings=shd.replicated(mesh))

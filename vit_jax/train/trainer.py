@@ -122,11 +122,11 @@ def validate(config, num_devices: int | None = None) -> Setup:
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {optim.OPTIMIZERS}.")
   if config.decay_type not in optim.DECAY_TYPES:
     raise ValueError(f"unknown decay_type {config.decay_type!r}; choose one of {optim.DECAY_TYPES}.")
-  step_lib.check_dropout_rng_impl(config.get("dropout_rng_impl", "threefry"))
+  step_lib.check_dropout_rng_impl(config.dropout_rng_impl)
   accum_steps = config_base.accum_steps_option(config)
   if accum_steps == "auto":
     memory_lib.budget_bytes(config)  # a CPU without memory_budget_gb fails here, before the data set opens
-  ema = config_base.ema_options(config)
+  config_base.ema_options(config)  # a bad ema_decay fails before the data set opens
   devices = jax.devices() if num_devices is None else jax.devices()[:num_devices]
   mesh = shd.make_mesh(config.mesh.to_dict(), devices)
   _check_batch_sizes(config, mesh)
@@ -140,15 +140,35 @@ def validate(config, num_devices: int | None = None) -> Setup:
                               "checkpoint, a catalogue name or a URI, or '' to train from scratch.") from None
   source = open_dataset(config)
   num_classes, train_examples = _dataset_sizes(config, source)
+  return plan(config, mesh, num_classes, train_examples, overrides=overrides, source=source)
+
+
+def plan(config, mesh: jax.sharding.Mesh, num_classes: int, train_examples: int, *,
+         overrides: dict | None = None, source=None) -> Setup:
+  """The run's model, optimiser and abstract sharded state on `mesh`, from the data set's class count and
+  size alone: no data read, no parameter materialised (`validate` after opening the data set; `vit_jax.aot`
+  for a TPU topology that is not attached)."""
+  overrides = config_base.check_model(config) if overrides is None else overrides
   total_steps, warmup_steps = config_base.training_steps(config, train_examples)
   model = build_model(config, num_classes, overrides)  # the model checks its options (e.g. the image size)
   # Schedule and optimiser options (layer_decay, frozen: the model's parameter paths).
   tx, lr_schedule = optim.make_optimizer(config, total_steps, warmup_steps, model=model)
   # Traces the model, no compilation.
+  ema = config_base.ema_options(config)
   abstract_state, shardings = state_lib.state_shardings(model, tx, mesh, ema=ema is not None)
   return Setup(mesh=mesh, source=source, num_classes=num_classes, train_examples=train_examples,
                total_steps=total_steps, warmup_steps=warmup_steps, model=model, tx=tx, lr_schedule=lr_schedule,
-               abstract_state=abstract_state, shardings=shardings, accum_steps=accum_steps)
+               abstract_state=abstract_state, shardings=shardings, accum_steps=config_base.accum_steps_option(config))
+
+
+def make_train_step(config, setup: Setup, accum_steps: int | None = None):
+  """The jitted train step of the run (`step.make_train_step` with the config's options); `accum_steps`
+  defaults to the setup's (resolved) one."""
+  return step_lib.make_train_step(
+      setup.model, setup.tx, setup.lr_schedule, setup.mesh, setup.shardings,
+      accum_steps=setup.accum_steps if accum_steps is None else accum_steps,
+      label_smoothing=config.label_smoothing, mixup=_mixup_options(config), ema=config_base.ema_options(config),
+      dropout_rng_impl=config.dropout_rng_impl)
 
 
 # ----------------------------------------------------------------------------- data
@@ -378,10 +398,7 @@ def _train_and_evaluate(config, workdir: str, stop: _StopFlag, t_start: float) -
   last_good = resumed_at  # the newest checkpoint of a finite loss (named when the loss goes bad)
 
   total = setup.total_steps
-  train_step = step_lib.make_train_step(
-      setup.model, setup.tx, setup.lr_schedule, setup.mesh, setup.shardings, accum_steps=setup.accum_steps,
-      label_smoothing=config.label_smoothing, mixup=_mixup_options(config), ema=config_base.ema_options(config),
-      dropout_rng_impl=config.get("dropout_rng_impl", "threefry"))
+  train_step = make_train_step(config, setup)
   eval_step = step_lib.make_eval_step(setup.model, setup.mesh, setup.shardings)
   # Opens its data set now, so that a bad name fails before training.
   fewshot_eval = fewshot_lib.TrainingEvaluator(config, setup) if config.fewshot.dataset else None
