@@ -40,6 +40,11 @@ REFERENCE = {
     "ViT-L_16": (304_326_632, 61.6),            # vit_large_patch16_224
     "ViT-L_32": (306_535_400, 15.39),           # vit_large_patch32_224
     "ViT-H_14": (632_045_800, 167.4),           # vit_huge_patch14_224
+    # Zhai et al. 2021 (arXiv 2106.04560) Table 2 gives 533.1 / 965.3 GFLOPs at 224 px, i.e. 2 x MACs; the
+    # parameter counts include the MAP head and a 1000-class head (the paper's 1011M / 1843M without them:
+    # tests/test_aot.py).
+    "ViT-g_14": (1_037_857_384, 533.1 / 2),
+    "ViT-G_14": (1_882_797_416, 965.3 / 2),
     "R+ViT-Ti_16": (6_337_704, 0.44),           # vit_tiny_r_s16_p8_224
     "R26+ViT-S_32": (36_431_912, 3.56),         # vit_small_r26_s32_224
     "R26+ViT-B_32": (101_383_976, 6.81),        # vit_base_r26_s32_224

@@ -50,6 +50,9 @@ flags.DEFINE_string("json", None, "Append one JSON line per compiled step to thi
 flags.DEFINE_bool("search_mesh", False, "Compile every (data, fsdp, tensor) factorisation of the device count "
                   "that divides the model and the batch; print them sorted by estimated step time.")
 flags.DEFINE_bool("find_max_batch", False, "Bisect the largest global batch whose compiled step fits the HBM.")
+# The spellings of the issue and of our other commands (`bench --find-max-batch`).
+flags.DEFINE_alias("search-mesh", "search_mesh")
+flags.DEFINE_alias("find-max-batch", "find_max_batch")
 flags.DEFINE_float("hbm_gib", None, "Per-chip memory to check against (GiB); default: the chip's HBM.")
 flags.DEFINE_integer("num_classes", None, "Class count when config.num_classes is -1 (default: known data sets).")
 flags.DEFINE_integer("train_examples", None, "Training-split size (for durations in epochs; default: known sets).")
