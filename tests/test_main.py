@@ -130,14 +130,14 @@ def test_conftest_keeps_a_users_xla_flags_and_still_gives_8_devices():
 def test_busy_coordinator_port_is_refused_in_words():
   """A taken coordinator port crashes JAX's coordinator service (segfault); process 0 refuses it first."""
   import socket
-  from vit_jax import main
+  from vit_jax.train import multihost
   busy = socket.socket(socket.AF_INET6)
   busy.bind(("::", 0))
   busy.listen()
   port = busy.getsockname()[1]
   try:
     with pytest.raises(ValueError, match=f"coordinator port {port} is already in use"):
-      main._check_coordinator_port_free(f"127.0.0.1:{port}")
+      multihost.check_coordinator_port_free(f"127.0.0.1:{port}")
   finally:
     busy.close()
-  main._check_coordinator_port_free(f"127.0.0.1:{port}")  # free again: no error
+  multihost.check_coordinator_port_free(f"127.0.0.1:{port}")  # free again: no error

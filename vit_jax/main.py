@@ -35,31 +35,6 @@ def _cluster_detected() -> bool:
   return "," in hosts or "MEGASCALE_COORDINATOR_ADDRESS" in env
 
 
-def _check_coordinator_port_free(address: str) -> None:
-  """Process 0 hosts the coordinator on [::]:PORT.  When that port is taken, JAX's coordinator service logs
-  "Failed to add port to server" and then crashes the process (a segmentation fault): refuse first, in words."""
-  import errno
-  import socket
-  port = int(address.rsplit(":", 1)[1])
-  for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
-    try:
-      probe = socket.socket(family, socket.SOCK_STREAM)
-    except OSError:
-      continue  # no IPv6 on this machine: the IPv4 probe decides
-    try:
-      # As gRPC binds: connections of an earlier run left in TIME_WAIT do not make the port busy.
-      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-      probe.bind((host, port))
-    except OSError as e:
-      if e.errno != errno.EADDRINUSE:
-        continue  # e.g. IPv6 present but unusable: the IPv4 probe decides
-      raise ValueError(f"the coordinator port {port} is already in use on this machine ({e.strerror}): "
-                       f"choose another port in --coordinator_address={address.rsplit(':', 1)[0]}:PORT") from None
-    finally:
-      probe.close()
-    return
-
-
 def initialize_distributed() -> None:
   """jax.distributed.initialize() when several processes take part; must run before JAX touches devices."""
   import jax
@@ -67,7 +42,8 @@ def initialize_distributed() -> None:
     if FLAGS.num_processes is None or FLAGS.process_id is None:
       raise app.UsageError("--coordinator_address needs --num_processes and --process_id.")
     if FLAGS.process_id == 0:
-      _check_coordinator_port_free(FLAGS.coordinator_address)
+      from vit_jax.train import multihost
+      multihost.check_coordinator_port_free(FLAGS.coordinator_address)
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif _cluster_detected():
     jax.distributed.initialize()
