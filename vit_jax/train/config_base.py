@@ -233,7 +233,7 @@ def enable_compilation_cache(config) -> str | None:
   """Points JAX's persistent compilation cache at config.compilation_cache_dir (if set), caching every
   program (also the small and quick ones: a start-up compiles a dozen); returns the directory or None.
   Call before the run compiles anything."""
-  directory = config.get("compilation_cache_dir") or ""
+  directory = config.compilation_cache_dir
   if not directory:
     return None
   import jax
