@@ -230,6 +230,11 @@ def test_mesh_axes_that_split_a_torus_axis():
 
 
 @needs_libtpu
-def test_v4_topology_says_it_cannot_be_compiled_for():
-  with pytest.raises(ValueError, match="one device per chip"):
-    aot.topology_devices("v4:4x4x4")
+def test_v4_topology_is_one_device_per_megacore_chip():
+  """libtpu lists v4 per TensorCore by default (v4:4x4x4 -> 128); a v4 pod runs 64 megacore chips, one device each."""
+  from vit_jax.train import sharding as shd
+  chip, devices = aot.topology_devices("v4:4x4x4")
+  assert chip.name == "v4" and len(devices) == 64
+  assert not any(d.core_on_chip for d in devices) and len({tuple(d.coords) for d in devices}) == 64
+  mesh = shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 64, "tensor": 1}

@@ -87,7 +87,7 @@ CHIPS = {
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v4p": "v4"}
 TOPOLOGY_FORMS = ("v5e:16x16 (v5e-256)", "v5p:4x4x8 (v5p-128: 128 chips)", "v6e:16x16",
-                  "v5e:2x2 (4 chips, e.g. for tests)")  # v4: libtpu lists TensorCores, not chips (topology_devices)
+                  "v4:4x4x4 (v4-128: 64 megacore chips)", "v5e:2x2 (4 chips, e.g. for tests)")
 # imagenet21k: the head of the official ViT i21k checkpoints (21,843 classes; our builder's fall11 has 21,841:
 # --num_classes=21841 for that exactly) and the fall11 images minus the 51,200 held out by vit_pretrain.py.
 KNOWN_DATASETS = {"imagenet21k": (21843, 14_197_122 - 51_200), "imagenet2012": (1000, 1_281_167),
@@ -119,17 +119,20 @@ def topology_devices(topology: str):
   chip = chip_of(topology)
   check_libtpu()
   head, dims = re.split(r"[:=_]", topology.strip().lower(), maxsplit=1)
+  name = f"{ALIASES.get(head, head)}:{dims}"
   try:
-    desc = topologies.get_topology_desc(topology_name=f"{ALIASES.get(head, head)}:{dims}", platform="tpu")
+    devices = list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    if any(getattr(d, "core_on_chip", 0) for d in devices):
+      # libtpu describes v4 per TensorCore by default (v4:4x4x4 -> 128 devices); a v4 pod runs one device per chip
+      # (megacore: both cores one device, as jax.devices() shows there), and jax meshes on TPU > v3 require that.
+      devices = list(topologies.get_topology_desc(topology_name=name, platform="tpu",
+                                                  chip_config_name="megacore").devices)
   except Exception as e:  # libtpu's message names the constraint (e.g. chips per host)
     raise ValueError(f"TPU topology {topology!r} is not accepted by libtpu ({str(e).splitlines()[0]}); "
                      f"accepted forms: {', '.join(TOPOLOGY_FORMS)}.") from None
-  devices = list(desc.devices)
   if any(getattr(d, "core_on_chip", 0) for d in devices):
-    # libtpu 0.0.42 describes v4 topologies per TensorCore; jax meshes on TPU > v3 take one device per chip.
-    raise ValueError(f"libtpu describes {topology!r} with {len(devices)} devices, several TensorCores per chip, and "
-                     "jax meshes on TPU > v3 need one device per chip (megacore): this topology cannot be compiled "
-                     "for here yet; try v5p, v5e or v6e.")
+    raise ValueError(f"libtpu describes {topology!r} with {len(devices)} devices, several TensorCores per chip, even "
+                     "in its megacore mode, and jax meshes on TPU > v3 need one device per chip: try v5p, v5e or v6e.")
   return chip, devices
 
 
