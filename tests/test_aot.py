@@ -1,5 +1,6 @@
 """`python -m vit_jax.aot`: the train step compiled for a TPU topology (libtpu, no TPU), its figures and errors."""
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -89,6 +90,7 @@ def test_mesh_candidates_divide_model_and_batch():
   meshes = aot.mesh_candidates(8, model, 16)
   assert (8, 1, 1) in meshes and (1, 2, 4) in meshes and (1, 1, 8) not in meshes  # 8 does not divide 4 heads
   assert all(d * f * t == 8 for d, f, t in meshes)
+  assert aot.mesh_candidates(8, model, 16, max_tensor=1) == [(8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1)]
 
 
 @needs_libtpu
@@ -238,3 +240,32 @@ def test_v4_topology_is_one_device_per_megacore_chip():
   assert not any(d.core_on_chip for d in devices) and len({tuple(d.coords) for d in devices}) == 64
   mesh = shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
   assert dict(mesh.shape) == {"data": 1, "fsdp": 64, "tensor": 1}
+
+
+def _aot_cli(tmp_path, *flags):
+  out_path = tmp_path / "rows.jsonl"
+  out = subprocess.run([sys.executable, "-m", "vit_jax.aot", "--config=configs/testing.py", "--topology=v5e:2x2",
+                        f"--json={out_path}", *flags], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return out.stdout, [json.loads(line) for line in out_path.read_text().splitlines()]
+
+
+@needs_libtpu
+def test_search_mesh_compiles_each_candidate_and_sorts_by_estimate(tmp_path):
+  stdout, rows = _aot_cli(tmp_path, "--search_mesh", "--search_max_tensor=1")
+  assert "3 meshes to compile" in stdout
+  assert sorted((r["mesh"]["data"], r["mesh"]["fsdp"], r["mesh"]["tensor"]) for r in rows) == \
+      [(1, 4, 1), (2, 2, 1), (4, 1, 1)]
+  table = stdout[stdout.index("meshes by estimated step time"):].splitlines()[2:]
+  printed = [tuple(int(x) for x in line.split()[:3]) for line in table]
+  by_estimate = sorted(rows, key=lambda r: r["estimate"]["step_s"])
+  assert printed == [(r["mesh"]["data"], r["mesh"]["fsdp"], r["mesh"]["tensor"]) for r in by_estimate]
+
+
+@needs_libtpu
+def test_find_max_batch_bisects_on_compiled_memory(tmp_path):
+  stdout, rows = _aot_cli(tmp_path, "--find_max_batch", "--hbm_gib=0.0085")  # a made-up 8.7 MiB chip
+  best = int(stdout.split("largest global batch that fits: ")[1].split()[0])
+  fits = {r["batch_size"]: r["memory"]["fits"] for r in rows}
+  assert fits[best] and fits[best + 4] is False  # data=4: the next batch is one more image per device
+  assert all(f for b, f in fits.items() if b <= best) and not any(f for b, f in fits.items() if b > best)

@@ -49,6 +49,8 @@ flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:16x16, v5p:4x4x8, 
 flags.DEFINE_string("json", None, "Append one JSON line per compiled step to this file.")
 flags.DEFINE_bool("search_mesh", False, "Compile every (data, fsdp, tensor) factorisation of the device count "
                   "that divides the model and the batch; print them sorted by estimated step time.")
+flags.DEFINE_integer("search_max_tensor", None, "With --search_mesh: only meshes whose tensor axis is at most "
+                     "this (1: data x fsdp only; each candidate is a compile of minutes for a large model).")
 flags.DEFINE_bool("find_max_batch", False, "Bisect the largest global batch whose compiled step fits the HBM.")
 # The spellings of the issue and of our other commands (`bench --find-max-batch`).
 flags.DEFINE_alias("search-mesh", "search_mesh")
@@ -328,10 +330,12 @@ def describe(r: dict) -> str:
   return "\n".join(lines)
 
 
-def mesh_candidates(num_devices: int, model, batch_size: int) -> list[tuple[int, int, int]]:
-  """(data, fsdp, tensor) with product num_devices, tensor dividing heads and MLP width, data x fsdp the batch."""
+def mesh_candidates(num_devices: int, model, batch_size: int,
+                    max_tensor: int | None = None) -> list[tuple[int, int, int]]:
+  """(data, fsdp, tensor) with product num_devices, tensor dividing heads and MLP width (and at most
+  `max_tensor`), data x fsdp the batch."""
   out = []
-  for tensor in range(1, num_devices + 1):
+  for tensor in range(1, min(num_devices, max_tensor or num_devices) + 1):
     if num_devices % tensor or (tensor > 1 and (model.num_heads % tensor or model.mlp_dim % tensor)):
       continue
     rest = num_devices // tensor
@@ -360,7 +364,11 @@ def main(argv):
          f"{config.model.name} (this can take minutes on a small CPU)...")
   if FLAGS.search_mesh:
     model = config_base.build_model(config, dataset_sizes(config, FLAGS.num_classes)[0])
-    candidates = mesh_candidates(len(devices), model, config.batch_size)
+    candidates = mesh_candidates(len(devices), model, config.batch_size, FLAGS.search_max_tensor)
+    if not candidates:
+      raise ValueError(f"no (data, fsdp, tensor) mesh of {len(devices)} devices divides the batch "
+                       f"{config.batch_size} (and the heads / MLP width for tensor > 1).")
+    _print(f"{len(candidates)} meshes to compile, one after the other.")
     rows = []
     for i, (d, f, t) in enumerate(candidates):
       config.mesh.data, config.mesh.fsdp, config.mesh.tensor = d, f, t
