@@ -1,9 +1,12 @@
-"""Markdown table of benchmark results (the JSON lines that `python -m vit_jax.bench --out` appends).
+"""Markdown tables of benchmark results: the JSON lines that `python -m vit_jax.bench --out` and
+`python -m vit_jax.aot --json` append.
 
   python benchmarks/table.py benchmarks/results/cpu.jsonl [more.jsonl ...]
+  python benchmarks/table.py benchmarks/results/tpu_aot.jsonl
 
-One row per measured configuration (lines without img_per_sec, e.g. --find-max-batch or failed
-sweep entries, are left out). Imports nothing beyond the standard library.
+One row per measured configuration (bench lines without img_per_sec, e.g. --find-max-batch or failed
+sweep entries, are left out); compiled-ahead-of-time rows (they name a `topology`) get their own table,
+estimates labelled as such. Imports nothing beyond the standard library.
 """
 from __future__ import annotations
 
@@ -43,11 +46,53 @@ def cell(row: dict, key: str) -> str:
 
 
 def markdown_table(paths) -> str:
-  lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-  for row in read_results(paths):
-    if "img_per_sec" in row:
-      lines.append("| " + " | ".join(cell(row, key) for key, _ in COLUMNS) + " |")
-  return "\n".join(lines)
+  rows = read_results(paths)
+  tables = []
+  measured = [row for row in rows if "img_per_sec" in row]
+  if measured:
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row, key) for key, _ in COLUMNS) + " |" for row in measured]
+    tables.append("\n".join(lines))
+  compiled = [row for row in rows if "topology" in row]
+  if compiled:
+    tables.append(aot_table(compiled))
+  return "\n\n".join(tables)
+
+
+AOT_TITLES = ("model", "params", "pod", "mesh (data×fsdp×tensor)", "batch", "optimiser", "remat", "memory / chip",
+              "fits", "compile", "est. step (bound)", "est. img/s/chip", "est. MFU", "est. 90 ep. i21k")
+
+
+def _remat(row: dict) -> str:
+  if not row.get("remat"):
+    return "none"
+  policy = row.get("remat_policy") or "nothing_saveable"
+  return {"nothing_saveable": "full", "dots_with_no_batch_dims_saveable": "dots kept"}.get(policy, policy)
+
+
+def aot_cells(row: dict) -> list[str]:
+  """One row of `python -m vit_jax.aot`: memory and compile time measured, the rest estimates."""
+  gib = 2 ** 30
+  memory, estimate = row["memory"], row.get("estimate")
+  mesh = "×".join(str(row["mesh"][axis]) for axis in ("data", "fsdp", "tensor"))
+  if "total" in memory:
+    used = f"{memory['total'] / gib:.2f} GiB / {memory['hbm'] / gib:.2f} GiB"
+  else:  # the TPU compiler stopped: its message says how much it needed
+    needed = memory.get("compiler", "").split("(")[1].split(")")[0] if "(" in memory.get("compiler", "") else "?"
+    used = f"> {needed} temporaries"
+  cells = [row["model"], f"{row['params'] / 1e6:.0f} M", f"{row['topology']} ({row['devices']} chips)", mesh,
+           str(row["batch_size"]), row["optimizer"], _remat(row), used,
+           "yes" if memory["fits"] else "**no**", f"{row['compile_s']:.0f} s"]
+  if estimate is None:
+    return cells + ["—"] * 4
+  hours = estimate["days_90_epochs_i21k"] * 24
+  return cells + [f"{estimate['step_s'] * 1e3:.0f} ms ({estimate['bound']})", f"{estimate['img_s_per_chip']:.0f}",
+                  f"{100 * estimate['mfu']:.0f}%", f"{hours:.1f} h"]
+
+
+def aot_table(rows: list[dict]) -> str:
+  lines = ["| " + " | ".join(AOT_TITLES) + " |", "|" + "---|" * len(AOT_TITLES)]
+  return "\n".join(lines + ["| " + " | ".join(aot_cells(row)) + " |" for row in rows])
 
 
 def main(argv: list[str] | None = None) -> int:

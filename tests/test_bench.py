@@ -284,6 +284,25 @@ def test_markdown_table_of_committed_results(capsys):
   assert len(rows) == len(results) >= 2 and all(row.startswith("| ViT-S_16 | ") for row in rows)
 
 
+def test_markdown_table_of_the_pod_compiles(capsys):
+  """One row per `vit_jax.aot` line; a row the compiler refused says what it needed, with no estimate."""
+  table = _script("table")
+  path = BENCHMARKS / "results" / "tpu_aot.jsonl"
+  assert table.main([str(path)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("| model | params | pod | mesh (data×fsdp×tensor) |")
+  rows = [line.split(" | ") for line in lines[2:]]
+  results = [json.loads(line) for line in path.read_text().splitlines()]
+  assert len(rows) == len(results) >= 10
+  for cells, result in zip(rows, results):
+    assert cells[0] == "| " + result["model"] and cells[2].startswith(result["topology"])
+    assert cells[8] == ("yes" if result["memory"]["fits"] else "**no**")
+    if "estimate" in result:
+      assert cells[10].endswith(f"({result['estimate']['bound']})")
+    else:
+      assert cells[7].startswith("> ") and cells[10] == "—"
+
+
 def test_malformed_set_is_a_usage_error(capsys):
   with pytest.raises(SystemExit) as exit_info:
     bench.main(TINY_VIT + ["--set", "hidden_size"])

@@ -209,7 +209,9 @@ def analyse(config, topology: str, chip: Chip, devices, *, hbm_gib: float | None
       "model": config.model.name, "params": n_params, "topology": topology, "chip": chip.name, "devices": len(devices),
       "mesh": dict(zip(shd.MESH_AXES, sizes)), "batch_size": config.batch_size, "accum_steps": accum,
       "image_size": config.image_size, "dtype": str(config.model.get("dtype", "float32")),
-      "remat": bool(config.model.get("remat", False)), "scan": bool(config.model.get("scan", False)),
+      "remat": bool(config.model.get("remat", False)),
+      "remat_policy": config.model.get("remat_policy", "nothing_saveable") if config.model.get("remat") else None,
+      "scan": bool(config.model.get("scan", False)),
       "optimizer": config.optimizer, "param_sharding": param_sharding(setup, len(devices)),
   }
   hbm = (hbm_gib or chip.hbm_gib) * GIB
@@ -251,6 +253,8 @@ def analyse(config, topology: str, chip: Chip, devices, *, hbm_gib: float | None
                 "hlo_over_analytic": stats.matmul_flops / analytic_per_device if analytic_per_device else None,
                 "loops": stats.loops},
       "hbm_bytes_per_device_estimate": stats.hbm_bytes,
+      # Loop bodies once, as cost_analysis counts them: a check of our HBM count against the compiler's own.
+      "hbm_bytes_per_device_loops_once": stats.hbm_bytes_once,
       "collectives": stats.collective_summary(),
       "estimate": {"compute_s": compute_s, "hbm_s": memory_s, "ici_s": comm_s, "step_s": step_s, "bound": bound,
                    "img_s_per_chip": img_s_chip, "img_s_pod": img_s_chip * n,
@@ -294,7 +298,8 @@ def describe(r: dict) -> str:
   lines = [
       f"{r['model']} ({r['params']:,} parameters) on {r['topology']} ({r['devices']} x TPU {r['chip']}), mesh "
       + " x ".join(f"{k}={v}" for k, v in r["mesh"].items()) + f", global batch {r['batch_size']}"
-      + f" (accum_steps {r['accum_steps']}), {r['dtype']} compute, remat={r['remat']}, scan={r['scan']}, "
+      + f" (accum_steps {r['accum_steps']}), {r['dtype']} compute, remat={r.get('remat_policy') or r['remat']}, "
+      f"scan={r['scan']}, "
       f"{r['optimizer']}; compiled in {r['compile_s']:.0f} s",
       f"parameters per device: {_gib(ps['bytes_per_device'])} (an even split over fsdp x tensor: "
       f"{_gib(ps['bytes_even_split'])})"
