@@ -1,8 +1,10 @@
 """`python -m vit_jax.aot`: the train step compiled for a TPU topology (libtpu, no TPU), its figures and errors."""
+import functools
 import importlib.util
 import json
 import subprocess
 import sys
+import time
 
 import ml_collections
 import pytest
@@ -170,6 +172,22 @@ def test_compiler_out_of_memory_is_a_does_not_fit(v5e_2x2, monkeypatch):
   monkeypatch.setattr(memory, "compile_train_step", lambda *a: (_ for _ in ()).throw(RuntimeError("INTERNAL: bug")))
   with pytest.raises(RuntimeError, match="INTERNAL"):
     aot.analyse(_config(), "v5e:2x2", chip, devices)
+
+
+def test_slow_compiles_say_so(v5e_2x2, monkeypatch, capsys):
+  """An unscanned deep model is told to scan; a compile that runs on says it is still running."""
+  from vit_jax.train import memory
+  chip, devices = v5e_2x2
+  monkeypatch.setattr(aot, "SCAN_ADVICE_DEPTH", 2)  # the tiny model's depth
+  monkeypatch.setattr(aot, "_heartbeat", functools.partial(aot._heartbeat, every_s=0.05))
+  monkeypatch.setattr(memory, "compile_train_step", lambda *a: (time.sleep(0.3), (_ for _ in ()).throw(
+      RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM (1G)")))[1])
+  aot.analyse(_config(scan=False), "v5e:2x2", chip, devices)
+  out = capsys.readouterr().out
+  assert "has 2 layers and scan=False" in out and "--config.model.scan=True" in out
+  assert "... compiling ViT-Ti_16 for v5e:2x2: 0 s" in out
+  aot.analyse(_config(scan=True), "v5e:2x2", chip, devices)
+  assert "scan=False" not in capsys.readouterr().out
 
 
 def test_hlo_loop_counts_and_layer_slices():

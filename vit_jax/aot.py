@@ -31,7 +31,9 @@ import json
 import math
 import os
 import re
+import contextlib
 import sys
+import threading
 import time
 from typing import Any
 
@@ -98,6 +100,29 @@ KNOWN_DATASETS = {"imagenet21k": (21843, 14_197_122 - 51_200), "imagenet2012": (
 
 def _print(*args):
   print(*args, flush=True)
+
+
+@contextlib.contextmanager
+def _heartbeat(what: str, every_s: float = 60.0):
+  """Says every `every_s` seconds that `what` is still running (a pod compile takes minutes on 2 cores)."""
+  done = threading.Event()
+  t0 = time.time()
+
+  def beat():
+    while not done.wait(every_s):
+      _print(f"  ... {what}: {time.time() - t0:.0f} s")
+  thread = threading.Thread(target=beat, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    done.set()
+    thread.join()
+
+
+# Depth from which an unscanned model is worth a warning: the compiler then sees every layer (the CPU train
+# step compiled in 8.7 s at depth 24 and 17.6 s at depth 48 unrolled, 3.0 and 2.6 s scanned).
+SCAN_ADVICE_DEPTH = 24
 
 
 def check_libtpu() -> None:
@@ -215,9 +240,14 @@ def analyse(config, topology: str, chip: Chip, devices, *, hbm_gib: float | None
       "optimizer": config.optimizer, "param_sharding": param_sharding(setup, len(devices)),
   }
   hbm = (hbm_gib or chip.hbm_gib) * GIB
+  depth = getattr(model, "depth", 0)
+  if depth >= SCAN_ADVICE_DEPTH and not report["scan"]:
+    _print(f"note: {config.model.name} has {depth} layers and scan=False: the compiler sees each of them, and "
+           "the compile time grows with depth; --config.model.scan=True compiles one layer loop (bounded).")
   t0 = time.time()
   try:
-    compiled, fp = memory.compile_train_step(config, setup, accum)
+    with _heartbeat(f"compiling {config.model.name} for {topology}"):
+      compiled, fp = memory.compile_train_step(config, setup, accum)
   except Exception as e:  # pylint: disable=broad-except
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
