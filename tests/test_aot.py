@@ -240,6 +240,69 @@ ENTRY %main (w.1: f32[12,64,64], x.1: f32[8,64]) -> f32[8,64] {
   assert stats.hbm_bytes == pytest.approx(12 * per_trip, rel=0.01)
 
 
+def test_hlo_in_place_updates_in_nested_fusions_and_async_slices():
+  """Saving a layer's activations into a [12, 8, 64] stack from a fusion nested in a fusion writes the update
+  (2 KiB), not the stack; a slice-start reads its slice, not the array; a copy-start into VMEM reads once."""
+  from vit_jax import hlo_stats
+  text = """HloModule m
+
+%inner (param_0.i: f32[12,8,64], param_1.i: f32[1,8,64], param_2.i: s32[]) -> f32[12,8,64] {
+  %param_0.i = f32[12,8,64]{2,1,0} parameter(0)
+  %param_1.i = f32[1,8,64]{2,1,0} parameter(1)
+  %param_2.i = s32[] parameter(2)
+  %zero.i = s32[] constant(0)
+  ROOT %dus = f32[12,8,64]{2,1,0} dynamic-update-slice(%param_0.i, %param_1.i, %param_2.i, %zero.i, %zero.i)
+}
+
+%outer (param_0.o: f32[12,8,64], param_1.o: f32[8,64], param_2.o: s32[]) -> f32[12,8,64] {
+  %param_0.o = f32[12,8,64]{2,1,0} parameter(0)
+  %param_1.o = f32[8,64]{1,0} parameter(1)
+  %param_2.o = s32[] parameter(2)
+  %row = f32[1,8,64]{2,1,0} bitcast(%param_1.o)
+  ROOT %nested = f32[12,8,64]{2,1,0} fusion(%param_0.o, %row, %param_2.o), kind=kLoop, calls=%inner
+}
+
+%body (p: (s32[], f32[12,8,64], f32[12,64,64], f32[8,64])) -> (s32[], f32[12,8,64], f32[12,64,64], f32[8,64]) {
+  %p = (s32[], f32[12,8,64]{2,1,0}, f32[12,64,64]{2,1,0}, f32[8,64]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %acts = f32[12,8,64]{2,1,0} get-tuple-element(%p), index=1
+  %w = f32[12,64,64]{2,1,0} get-tuple-element(%p), index=2
+  %x = f32[8,64]{1,0} get-tuple-element(%p), index=3
+  %saved = f32[12,8,64]{2,1,0} fusion(%acts, %x, %i), kind=kLoop, calls=%outer
+  %s = ((f32[12,64,64]{2,1,0}), f32[1,64,64]{2,1,0}, s32[]{:S(2)}) slice-start(%w), slice={[0:1], [0:64], [0:64]}
+  %layer = f32[1,64,64]{2,1,0} slice-done(%s)
+  %c = (f32[8,64]{1,0}, f32[8,64]{1,0:S(1)}, u32[]{:S(2)}) copy-start(%x)
+  %x.vmem = f32[8,64]{1,0:S(1)} copy-done(%c)
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[12,8,64]{2,1,0}, f32[12,64,64]{2,1,0}, f32[8,64]{1,0}) tuple(%next, %saved, %w, %x)
+}
+
+%cond (p.1: (s32[], f32[12,8,64], f32[12,64,64], f32[8,64])) -> pred[] {
+  %p.1 = (s32[], f32[12,8,64]{2,1,0}, f32[12,64,64]{2,1,0}, f32[8,64]{1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %n = s32[] constant(12)
+  ROOT %lt = pred[] compare(%i.1, %n), direction=LT
+}
+
+ENTRY %main (a.1: f32[12,8,64], w.1: f32[12,64,64], x.1: f32[8,64]) -> f32[12,8,64] {
+  %a.1 = f32[12,8,64]{2,1,0} parameter(0)
+  %w.1 = f32[12,64,64]{2,1,0} parameter(1)
+  %x.1 = f32[8,64]{1,0} parameter(2)
+  %zero.1 = s32[] constant(0)
+  %init = (s32[], f32[12,8,64]{2,1,0}, f32[12,64,64]{2,1,0}, f32[8,64]{1,0}) tuple(%zero.1, %a.1, %w.1, %x.1)
+  %loop = (s32[], f32[12,8,64]{2,1,0}, f32[12,64,64]{2,1,0}, f32[8,64]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[12,8,64]{2,1,0} get-tuple-element(%loop), index=1
+}
+"""
+  stats = hlo_stats.analyse(text, 1)
+  assert stats.loops == [("body", 12)]
+  save = 8 * 64 * 4 + 8 * 64 * 4 + 4  # the update written, x read, the index read
+  slice_ = 2 * 64 * 64 * 4  # the layer read and written
+  copy = 8 * 64 * 4  # read from HBM into VMEM
+  assert stats.hbm_bytes == 12 * (save + slice_ + copy + 3 * 4)  # + the counter's add
+
+
 @needs_libtpu
 def test_mesh_axes_that_split_a_torus_axis():
   """fsdp=128 on a 16x16 v6e is no product of whole torus axes: the mesh splits one (jax.make_mesh alone refuses)."""

@@ -26,6 +26,7 @@ link bandwidths.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import importlib.util
 import json
 import math
@@ -49,6 +50,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:ARGS]).", lock_config=True)
 flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:16x16, v5p:4x4x8, v6e:16x16, v5e:2x2.")
 flags.DEFINE_string("json", None, "Append one JSON line per compiled step to this file.")
+flags.DEFINE_string("save_hlo", None, "Write each compiled step's optimised HLO (gzipped text) into this folder, "
+                    "so that its figures can be read again (vit_jax.hlo_stats) without compiling.")
 flags.DEFINE_bool("search_mesh", False, "Compile every (data, fsdp, tensor) factorisation of the device count "
                   "that divides the model and the batch; print them sorted by estimated step time.")
 flags.DEFINE_integer("search_max_tensor", None, "With --search_mesh: only meshes whose tensor axis is at most "
@@ -211,7 +214,8 @@ def _collective_seconds(summary: list, chip: Chip) -> float:
 
 
 def analyse(config, topology: str, chip: Chip, devices, *, hbm_gib: float | None = None,
-            num_classes: int | None = None, train_examples: int | None = None) -> dict[str, Any]:
+            num_classes: int | None = None, train_examples: int | None = None,
+            hlo_dir: str | None = None) -> dict[str, Any]:
   """Compiles the run's train step for `devices` and returns the report (a JSON-able dict)."""
   import jax
   from vit_jax import flops as flops_lib
@@ -256,10 +260,18 @@ def analyse(config, topology: str, chip: Chip, devices, *, hbm_gib: float | None
     return dict(report, compile_s=round(time.time() - t0, 1), memory={"hbm": int(hbm), "fits": False,
                                                                         "compiler": message.strip()})
   compile_s = time.time() - t0
+  hlo_text = compiled.as_text()
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    mesh_name = "x".join(str(v) for v in sizes)
+    name = (f"{config.model.name}_{topology.replace(':', '-')}_mesh{mesh_name}_batch{config.batch_size}"
+            f"_remat-{report['remat_policy'] or 'none'}_{config.optimizer}.hlo.gz")
+    with gzip.open(os.path.join(hlo_dir, name), "wt") as f:
+      f.write(hlo_text)
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, list):
     cost = cost[0] if cost else {}
-  stats = hlo_stats.analyse(compiled.as_text(), len(devices))
+  stats = hlo_stats.analyse(hlo_text, len(devices))
   n = len(devices)
   batch = config.batch_size
   analytic = flops_lib.train_flops(setup.model)  # per image
@@ -394,7 +406,8 @@ def main(argv):
   config = FLAGS.config
   command = "python -m vit_jax.aot " + " ".join(sys.argv[1:])
   chip, devices = topology_devices(FLAGS.topology)
-  options = dict(hbm_gib=FLAGS.hbm_gib, num_classes=FLAGS.num_classes, train_examples=FLAGS.train_examples)
+  options = dict(hbm_gib=FLAGS.hbm_gib, num_classes=FLAGS.num_classes, train_examples=FLAGS.train_examples,
+                 hlo_dir=FLAGS.save_hlo)
   _print(f"{FLAGS.topology}: {len(devices)} x {devices[0].device_kind}; compiling the train step of "
          f"{config.model.name} (this can take minutes on a small CPU)...")
   if FLAGS.search_mesh:

@@ -242,13 +242,61 @@ def _group_size(attributes: str, num_devices: int) -> int:
   return 2 if m else num_devices
 
 
+def _param_traffic(comps: dict[str, list[Instruction]], types: dict[str, str], body: str, value: str,
+                   depth: int = 0) -> tuple[int, int, bool] | None:
+  """How a fusion body uses the buffer `value` (a parameter, or what aliases it): (bytes read, bytes written
+  into it in place, whether it flows on to the output in place), or None when some use reads it whole.
+
+  Slicing uses: a dynamic-slice reads its slice; a dynamic-update-slice writes its update into the buffer
+  (XLA updates in place); a bitcast or a nested fusion is followed; the root tuple passes it through."""
+  if depth > 8:
+    return None
+  read = written = 0
+  in_place = False
+  for ins in comps.get(body, []):
+    for position, operand in enumerate(ins.operands):
+      if operand != value:
+        continue
+      if ins.opcode == "dynamic-slice" and position == 0:
+        read += _nbytes(ins.type)
+        continue
+      if ins.opcode == "tuple":
+        in_place = True
+        continue
+      if ins.opcode == "dynamic-update-slice" and position == 0:
+        written += _nbytes(types.get(ins.operands[1], "")) if len(ins.operands) > 1 else 0
+        in_place = True
+        follow = _param_traffic(comps, types, body, ins.name, depth + 1)
+      elif ins.opcode == "bitcast":
+        follow = _param_traffic(comps, types, body, ins.name, depth + 1)
+      elif ins.opcode == "fusion":
+        callee = dict(_CALLEE.findall(ins.attributes)).get("calls")
+        inner = next((i.name for i in comps.get(callee, []) if i.opcode == "parameter"
+                      and i.inside.strip() == str(position)), None)
+        follow = _param_traffic(comps, types, callee, inner, depth + 1) if inner else None
+      else:
+        return None
+      if follow is None:
+        return None
+      read, written, in_place = read + follow[0], written + follow[1], in_place or follow[2]
+  return read, written, in_place
+
+
 def _moved_bytes(ins: Instruction, types: dict[str, str], comps: dict[str, list[Instruction]]) -> int:
   """HBM bytes one top-level instruction reads and writes.  A loop reads one layer of a stacked array
   ([depth, ...] weights, saved activations) with a dynamic-slice and writes one with an in-place
-  dynamic-update-slice: those count the slice, not the whole stack (else a 48-layer loop would count its
-  stacks 48 times over)."""
+  dynamic-update-slice, also from fusions nested in fusions: those count the slice, not the whole stack
+  (else a 48-layer loop would count its stacks 48 times over).  An async start (copy-start, slice-start, ...)
+  returns an alias of its operand first: that is no write."""
   operand_bytes = [_nbytes(types.get(o, ""), True) for o in ins.operands]
   written = _nbytes(ins.type, True)
+  if ins.opcode.endswith("-start") and ins.type.startswith("("):
+    arrays = _arrays(ins.type)
+    aliased = sum(len(_arrays(types.get(o, ""))) for o in ins.operands)
+    written = sum(_BYTES[d] * math.prod(shape) for d, shape, space in arrays[aliased:] if space == 0)
+    if ins.opcode == "slice-start" and operand_bytes and len(arrays) > aliased:
+      d, shape, _ = arrays[aliased]
+      operand_bytes[0] = min(operand_bytes[0], _BYTES[d] * math.prod(shape))  # the slice is read
   callee = dict(_CALLEE.findall(ins.attributes)).get("calls") if ins.opcode == "fusion" else None
   body = comps.get(callee) if callee else None
   if ins.opcode == "dynamic-slice" and operand_bytes:
@@ -257,21 +305,16 @@ def _moved_bytes(ins: Instruction, types: dict[str, str], comps: dict[str, list[
     operand_bytes[0], written = 0, operand_bytes[1]
   elif body:
     params = {i.name: int(i.inside) for i in body if i.opcode == "parameter" and i.inside.strip().isdigit()}
-    users: dict[str, list] = {}
-    for i in body:
-      for position, o in enumerate(i.operands):
-        users.setdefault(o, []).append((i, position))
     for pname, index in params.items():
       if index >= len(operand_bytes) or not operand_bytes[index]:  # not in HBM (e.g. VMEM, S(1))
         continue
-      uses = users.get(pname, [])
-      if uses and all(u.opcode == "dynamic-slice" and pos == 0 for u, pos in uses):
-        operand_bytes[index] = min(operand_bytes[index], sum(_nbytes(u.type) for u, _ in uses))
-      elif uses and all(u.opcode == "dynamic-update-slice" and pos == 0 for u, pos in uses):
-        # Updated in place: the buffer is neither read nor rewritten, only the update is written.
-        update = sum(_nbytes(types.get(u.operands[1], "")) for u, _ in uses if len(u.operands) > 1)
+      traffic = _param_traffic(comps, types, callee, pname)
+      if traffic is None:
+        continue
+      read, update, in_place = traffic
+      if in_place:  # the output holds this buffer, updated where it was: only the update is written
         written = max(written - operand_bytes[index], 0) + update
-        operand_bytes[index] = 0
+      operand_bytes[index] = min(operand_bytes[index], read)
   return written + sum(operand_bytes)
 
 
